@@ -1,0 +1,458 @@
+"""The `mtool` command line: parses options, builds settings, calls the library, and maps
+errors to exit codes (mtool.errors.ExitCode). The only module that prints or exits."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+
+import click
+
+from mtool import __version__
+from mtool.config import default_map_for, envvar, load_config_file
+from mtool.errors import ExitCode, MtoolError, UsageError
+
+log = logging.getLogger("mtool.cli")
+
+
+def opt(*decls, **kw):
+    """click.option whose environment variable is MTOOL_<LONG NAME>."""
+    long_name = next(d for d in decls if d.startswith("--"))
+    kw.setdefault("envvar", envvar(long_name.split("/")[0]))
+    kw.setdefault("show_envvar", True)
+    return click.option(*decls, **kw)
+
+
+class Context:
+    def __init__(self, dsn, retry_seconds):
+        self.dsn = dsn
+        self.retry_seconds = retry_seconds
+        self._db = None
+
+    def database(self, start_embedded: bool = True):
+        """The Database to use: --dsn, else the embedded server (started, schema migrated)."""
+        from mtool.db.connection import Database
+
+        if self._db is None:
+            if self.dsn:
+                self._db = Database(self.dsn, self.retry_seconds)
+            else:
+                self._db = Database(embedded_dsn(start_embedded), self.retry_seconds)
+        return self._db
+
+
+def embedded_dsn(start: bool = True) -> str:
+    import psycopg
+
+    from mtool.db import migrations
+    from mtool.db.embedded import LocalPostgres, default_home
+
+    server = LocalPostgres(default_home())
+    if start and server.start():
+        click.echo(f"started embedded PostgreSQL in {server.root} (socket {server.socket_dir})", err=True)
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        if migrations.migrate(conn):
+            click.echo(f"embedded database schema migrated to version {migrations.latest_version()}", err=True)
+    return server.dsn()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@opt("--dsn", help="PostgreSQL connection string. Default: an embedded server under MTOOL_HOME.")
+@opt("--log-format", type=click.Choice(["text", "json"]), default=None,
+     help="Log lines on stderr. Default: text on a terminal, JSON otherwise.")
+@click.option("-v", "--verbose", count=True, help="More log output.")
+@click.option("-q", "--quiet", count=True, help="Less log output.")
+@opt("--debug", is_flag=True, help="Show tracebacks for unexpected errors.")
+@opt("--db-retry-seconds", type=float, default=120.0, show_default=True,
+     help="How long to retry transient PostgreSQL errors (restart, failover) before giving up (exit 75).")
+@opt("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
+     callback=lambda ctx, _p, v: _apply_config(ctx, v), help="YAML/JSON file of option defaults.")
+@click.version_option(__version__, prog_name="mtool")
+@click.pass_context
+def cli(ctx, dsn, log_format, verbose, quiet, debug, db_retry_seconds):
+    """mtool: the match pipeline of a dating platform.
+
+    Imports match suggestions (Parquet) into PostgreSQL as resumable jobs, and manages the
+    database. With no --dsn / MTOOL_DSN, an embedded PostgreSQL is started and reused.
+
+    Exit codes: 0 ok, 1 bug, 2 usage, 3 finished with rejects, 65 invalid input,
+    66 input not found, 75 dependency unavailable, 78 configuration, 130 interrupted.
+    """
+    from mtool import logs
+
+    logs.setup(log_format, verbose - quiet)
+    ctx.obj = Context(dsn, db_retry_seconds)
+    ctx.meta["debug"] = debug
+
+
+def _apply_config(ctx, path):
+    if path:
+        ctx.default_map = default_map_for(ctx.command, load_config_file(path))
+
+
+# -- db ---------------------------------------------------------------------------------------
+
+@cli.group()
+def db():
+    """Schema migrations and the embedded PostgreSQL's lifecycle."""
+
+
+@db.command("init")
+@click.pass_obj
+def db_init(obj):
+    """Create (or reuse) the database and apply every migration."""
+    _migrate(obj)
+
+
+@db.command("migrate")
+@click.pass_obj
+def db_migrate(obj):
+    """Apply pending schema migrations."""
+    _migrate(obj)
+
+
+def _migrate(obj):
+    from mtool.db import migrations
+
+    database = obj.database()
+    with database.connect(autocommit=True) as conn:
+        applied = migrations.migrate(conn)
+        version = migrations.current_version(conn)
+    click.echo(f"schema at version {version}" + (f" (applied {', '.join(applied)})" if applied else " (up to date)"))
+
+
+@db.command("status")
+@opt("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_obj
+def db_status(obj, as_json):
+    """Show where the database is and its schema version."""
+    from mtool.db import migrations
+    from mtool.db.connection import redact_dsn
+    from mtool.db.embedded import LocalPostgres, default_home
+
+    out = {"latest_version": migrations.latest_version()}
+    if obj.dsn:
+        out["dsn"] = redact_dsn(obj.dsn)
+    else:
+        server = LocalPostgres(default_home())
+        out.update(embedded=str(server.root), running=server.running(), dsn=server.dsn())
+        if not out["running"]:
+            out["schema_version"] = None
+            _emit(out, as_json)
+            return
+    with obj.database(start_embedded=False).connect(autocommit=True) as conn:
+        out["schema_version"] = migrations.current_version(conn)
+    out["pending"] = out["latest_version"] - (out["schema_version"] or 0)
+    _emit(out, as_json)
+
+
+@db.command("start")
+@click.pass_obj
+def db_start(obj):
+    """Start the embedded PostgreSQL (created on first use) and print its DSN."""
+    from mtool.db.embedded import LocalPostgres, default_home
+
+    if obj.dsn:
+        raise UsageError("db start manages the embedded server; --dsn points elsewhere")
+    server = LocalPostgres(default_home())
+    started = server.start()
+    embedded_dsn(start=False)
+    click.echo(f"{'started' if started else 'already running'}: {server.root}")
+    click.echo(server.dsn())
+
+
+@db.command("stop")
+@click.pass_obj
+def db_stop(obj):
+    """Stop the embedded PostgreSQL."""
+    from mtool.db.embedded import LocalPostgres, default_home
+
+    if obj.dsn:
+        raise UsageError("db stop manages the embedded server; --dsn points elsewhere")
+    server = LocalPostgres(default_home())
+    click.echo(f"{'stopped' if server.stop() else 'not running'}: {server.root}")
+
+
+# -- ingest -----------------------------------------------------------------------------------
+
+def ingest_options(fn):
+    """Options shared by `ingest` (and later by consume-started imports)."""
+    decorators = [
+        opt("--group-id", help="Group of rows that have no group_id column."),
+        opt("--domain-id", help="Domain of rows that have no domain_id column."),
+        opt("--map", "mapping", multiple=True, metavar="SRC=DST",
+            help="Rename a file column to a contract column (repeatable)."),
+        opt("--max-rejects", type=int, default=1000, show_default=True,
+            help="Fail the job when more rows than this break the contract."),
+        opt("--rejects-file", type=click.Path(dir_okay=False),
+            help="Where rejected rows go (JSON lines). Default: MTOOL_HOME/rejects/JOB_ID.jsonl."),
+        opt("--workers", type=int, default=None,
+            help="Reader and writer processes each (default: CPUs, 2..4); 1 runs inline."),
+        opt("--batch-rows", type=int, default=100_000, show_default=True,
+            help="Rows per chunk: the unit of COPY, checkpoint and memory."),
+        opt("--metrics-textfile", type=click.Path(dir_okay=False), help="Write Prometheus metrics here at the end."),
+        opt("--pushgateway", help="Push Prometheus metrics to this Pushgateway URL at the end."),
+    ]
+    for dec in reversed(decorators):
+        fn = dec(fn)
+    return fn
+
+
+@cli.command()
+@click.argument("uris", nargs=-1, required=True)
+@opt("--job-id", help="Id for a new job (default: random). An existing job with this id resumes.")
+@ingest_options
+@opt("--replace", is_flag=True,
+     help="The files are the complete new set for their groups: rows absent from them are removed.")
+@opt("--dry-run", is_flag=True, help="Validate and count; write nothing (no database needed).")
+@opt("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
+@click.pass_obj
+def ingest(obj, uris, job_id, group_id, domain_id, mapping, max_rejects, rejects_file, workers, batch_rows,
+           metrics_textfile, pushgateway, replace, dry_run, as_json):
+    """Import Parquet match files into potential_matches as one resumable job.
+
+    URIS: local files, directories or globs of shards, http(s)://..., s3://bucket/key or prefix/.
+    S3 endpoint and credentials come from AWS_* variables (AWS_ENDPOINT_URL for MinIO and others).
+
+    \b
+    Rows are upserted on (group_id, reference_id, matched_reference_id); within a job the last
+    row for a key wins. Re-running an interrupted import resumes it; re-running a finished one
+    does nothing and exits 0.
+    """
+    from mtool import contract, ingest as ingest_mod
+    from mtool.config import state_dir
+    from mtool.metrics import IngestMetrics
+
+    opts = ingest_mod.IngestOptions(
+        uris=tuple(uris), group_id=group_id, domain_id=domain_id, job_id=job_id,
+        mapping=contract.parse_mapping(mapping), max_rejects=max_rejects, rejects_file=rejects_file,
+        workers=workers or ingest_mod.default_workers(), batch_rows=batch_rows, replace=replace, dry_run=dry_run)
+    opts.validate()
+    metrics = IngestMetrics(group_id or "") if (metrics_textfile or pushgateway) else None
+    database = None if dry_run else obj.database()
+    with ProgressReporter("rows") as progress:
+        try:
+            result = ingest_mod.run_import(opts, database, on_progress=progress, metrics=metrics,
+                                           state_dir=state_dir())
+        finally:
+            if metrics:
+                metrics.export(metrics_textfile, pushgateway, job="mtool_ingest")
+    _print_import(result, as_json)
+    if result.rejected_rows and not result.already_imported:
+        sys.exit(ExitCode.PARTIAL)
+
+
+def _print_import(result, as_json):
+    if as_json:
+        click.echo(json.dumps(result.to_json(), default=str))
+        return
+    if result.already_imported:
+        click.echo(f"already imported: job {result.job_id} COMPLETED ({result.written_rows} rows written); "
+                   "nothing to do")
+        return
+    head = "dry run" if result.dry_run else f"job {result.job_id} {result.status}"
+    click.echo(f"{head}: {result.files} file(s), {result.processed_rows} rows read, "
+               f"{result.rejected_rows} rejected" + (f", {result.written_rows} written" if result.written_rows
+                                                      is not None else "")
+               + f" in {result.duration_s:.1f} s ({result.rows_per_s:,.0f} rows/s)")
+    if result.rejects_file:
+        click.echo(f"rejected rows: {result.rejects_file}")
+
+
+class ProgressReporter:
+    """A progress bar on a terminal; a log line every few seconds otherwise."""
+
+    LOG_EVERY_S = 5.0
+
+    def __init__(self, unit: str):
+        self.unit, self.bar, self.last_log, self.shown = unit, None, 0.0, 0
+        self.t0 = time.monotonic()
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            if self.bar is None:
+                self.bar = click.progressbar(length=total, label=f"importing {self.unit}", file=sys.stderr,
+                                             show_pos=True, show_percent=True)
+                self.bar.__enter__()
+            self.bar.update(done - self.shown)
+            self.shown = done
+        elif time.monotonic() - self.last_log >= self.LOG_EVERY_S:
+            self.last_log = time.monotonic()
+            rate = done / max(1e-9, time.monotonic() - self.t0)
+            log.info("progress: %d/%d %s (%.0f %s/s)", done, total, self.unit, rate, self.unit)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+# -- jobs -------------------------------------------------------------------------------------
+
+@cli.group()
+def jobs():
+    """List, show and retry import jobs."""
+
+
+@jobs.command("list")
+@opt("--status", type=click.Choice(["PENDING", "PROCESSING", "COMPLETED", "FAILED"], case_sensitive=False))
+@opt("--limit", type=int, default=50, show_default=True)
+@opt("--json", "as_json", is_flag=True)
+@click.pass_obj
+def jobs_list(obj, status, limit, as_json):
+    """Recent import jobs, newest first."""
+    from mtool.db import jobs as repo
+    from mtool.db import migrations
+
+    with obj.database().connect(autocommit=True) as conn:
+        migrations.check(conn)
+        rows = repo.list_jobs(conn, status.upper() if status else None, limit)
+    if as_json:
+        click.echo(json.dumps([j.to_json() for j in rows], default=str))
+        return
+    for j in rows:
+        click.echo(f"{j.job_id}  {j.status:<10} {j.processed_rows:>12}/{j.total_rows or 0:<12} "
+                   f"rejected {j.rejected_rows:<6} {j.created_at:%Y-%m-%d %H:%M:%S}  {' '.join(j.source_uris)[:60]}")
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@opt("--json", "as_json", is_flag=True)
+@click.pass_obj
+def jobs_show(obj, job_id, as_json):
+    """One job in full, and whether a process is running it now."""
+    from mtool.db import jobs as repo
+    from mtool.db import migrations
+    from mtool.errors import InputNotFound
+
+    with obj.database().connect(autocommit=True) as conn:
+        migrations.check(conn)
+        job = repo.get(conn, _uuid_arg(job_id))
+        if job is None:
+            raise InputNotFound(f"no import job {job_id}", hint="see `mtool jobs list`")
+        out = job.to_json()
+        out["running"] = repo.is_locked_elsewhere(conn, job.job_id)
+    if as_json:
+        click.echo(json.dumps(out, default=str))
+    else:
+        for key, value in out.items():
+            click.echo(f"{key:>16}: {value}")
+
+
+@jobs.command("retry")
+@click.argument("job_id")
+@opt("--workers", type=int, default=None, help="Reader and writer processes each.")
+@opt("--json", "as_json", is_flag=True)
+@click.pass_obj
+def jobs_retry(obj, job_id, workers, as_json):
+    """Resume a FAILED or interrupted job from its checkpoint, with its original options."""
+    from mtool import ingest as ingest_mod
+    from mtool.config import state_dir
+    from mtool.db import jobs as repo
+    from mtool.errors import InputNotFound
+
+    database = obj.database()
+    with database.connect(autocommit=True) as conn:
+        job = repo.get(conn, _uuid_arg(job_id))
+    if job is None:
+        raise InputNotFound(f"no import job {job_id}", hint="see `mtool jobs list`")
+    o = job.options
+    opts = ingest_mod.IngestOptions(
+        uris=tuple(o.get("uris") or job.source_uris), group_id=job.group_id, domain_id=job.domain_id,
+        job_id=job.job_id, mapping=tuple(tuple(m) for m in o.get("map", [])),
+        max_rejects=o.get("max_rejects", ingest_mod.DEFAULT_MAX_REJECTS),
+        workers=workers or ingest_mod.default_workers(), batch_rows=o.get("batch_rows", ingest_mod.DEFAULT_BATCH_ROWS),
+        replace=job.mode == "replace")
+    with ProgressReporter("rows") as progress:
+        result = ingest_mod.run_import(opts, database, on_progress=progress, state_dir=state_dir())
+    if result.job_id != job.job_id:
+        raise UsageError(f"job {job.job_id}'s files changed since it ran (new fingerprint); "
+                         f"they were imported as job {result.job_id}")
+    _print_import(result, as_json)
+    if result.rejected_rows and not result.already_imported:
+        sys.exit(ExitCode.PARTIAL)
+
+
+def _uuid_arg(value: str) -> str:
+    import uuid
+
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise UsageError(f"{value!r} is not a job id (a UUID)") from None
+
+
+# -- demo -------------------------------------------------------------------------------------
+
+@cli.command()
+@opt("--rows", type=int, default=200_000, show_default=True, help="Sample match rows to generate.")
+@opt("--json", "as_json", is_flag=True)
+@click.pass_obj
+def demo(obj, rows, as_json):
+    """Sample data -> ingest -> summary, on the embedded defaults (or --dsn)."""
+    from mtool import demo as demo_mod
+    from mtool.config import state_dir
+
+    summary = demo_mod.run(obj.database(), rows, state_dir())
+    if as_json:
+        click.echo(json.dumps(summary, default=str))
+    else:
+        click.echo(demo_mod.format_summary(summary))
+
+
+def _emit(out: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(out, default=str))
+    else:
+        for key, value in out.items():
+            click.echo(f"{key:>16}: {value}")
+
+
+def main(argv=None) -> int:
+    """Console entry point: run the command and exit with its code."""
+    debug = "--debug" in (argv or sys.argv) or bool(__import__("os").environ.get("MTOOL_DEBUG"))
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        cli.main(args=argv, prog_name="mtool", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return ExitCode.USAGE
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        return ExitCode.INTERRUPTED
+    except MtoolError as exc:
+        click.echo(f"Error: {exc.message}", err=True)
+        if exc.hint:
+            click.echo(f"Hint: {exc.hint}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return ExitCode.INTERRUPTED
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    except Exception as exc:  # a bug: say so, and show the traceback only with --debug
+        if debug:
+            raise
+        click.echo(f"Error: unexpected {type(exc).__name__}: {exc} (a bug; rerun with --debug for the traceback)",
+                   err=True)
+        return ExitCode.BUG
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,1 @@
+"""PostgreSQL: connections with retries, schema migrations, the embedded server, repositories."""

@@ -1,0 +1,52 @@
+"""Prometheus metrics, named as in the seed designs (declared once, here).
+
+Batch commands fill a private registry and, when asked, write it as a node-exporter textfile
+(`--metrics-textfile`) or push it to a Pushgateway (`--pushgateway`); long-running modes serve it.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, push_to_gateway, write_to_textfile
+
+STORAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class IngestMetrics:
+    """Storage and job metrics of the import module (seed HLD section 12)."""
+
+    def __init__(self, group_label: str = ""):
+        self.registry = CollectorRegistry()
+        self.group = group_label or "mixed"
+        # End-to-end save time of a job's rows (commit phase), by group.
+        self.storage_duration = Histogram("match_suggestions_storage_duration", "Time to store a job's matches",
+                                          ["groupId"], registry=self.registry, buckets=STORAGE_BUCKETS)
+        # Latency of one committed chunk (COPY into staging + checkpoint).
+        self.batch_duration = Histogram("match_suggestions_storage_batch_duration", "Time to store one batch",
+                                        ["groupId"], registry=self.registry, buckets=STORAGE_BUCKETS)
+        # Rows committed to staging.
+        self.saved = Counter("match_suggestions_storage_matches_saved", "Matches saved", ["groupId"],
+                             registry=self.registry)
+        # Failures, by error class.
+        self.errors = Counter("match_suggestions_storage_errors", "Storage errors", ["groupId", "error_type"],
+                              registry=self.registry)
+        # Whole-job duration by final status (SLA monitoring).
+        self.job_duration = Histogram("import_job_duration_seconds", "Import job duration", ["status"],
+                                      registry=self.registry, buckets=STORAGE_BUCKETS)
+
+    def chunk_written(self, rows: int, seconds: float) -> None:
+        self.batch_duration.labels(self.group).observe(seconds)
+        self.saved.labels(self.group).inc(rows)
+
+    def storage_finished(self, rows: int, seconds: float) -> None:
+        self.storage_duration.labels(self.group).observe(seconds)
+
+    def job_finished(self, status: str, seconds: float, error_type: str | None = None) -> None:
+        self.job_duration.labels(status).observe(seconds)
+        if error_type:
+            self.errors.labels(self.group, error_type).inc()
+
+    def export(self, textfile: str | None = None, pushgateway: str | None = None, job: str = "mtool") -> None:
+        if textfile:
+            write_to_textfile(textfile, self.registry)
+        if pushgateway:
+            push_to_gateway(pushgateway, job=job, registry=self.registry)
