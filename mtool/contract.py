@@ -115,7 +115,7 @@ def check_schema(schema, mapping, where: str, job_group: str | None, job_domain:
         ok, expected = EXPECTED[name]
         t = schema.field(col).type
         if not ok(t):
-            label = name if col == name else f"{col!r} (as {name})"
+            label = repr(name) if col == name else f"{col!r} (as {name})"
             raise InvalidInput(f"{where}: column {label} has type {t}, expected {expected}",
                                hint="fix the producer, or --map a column of the right type")
     if "group_id" not in source and not job_group:

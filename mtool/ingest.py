@@ -23,7 +23,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from mtool import contract, sources
+from mtool import contract, faults, sources
 from mtool.db import jobs
 from mtool.db import matches as pm
 from mtool.db.connection import Database, Session, advisory_key
@@ -118,8 +118,11 @@ def inspect(srcs, opts: IngestOptions) -> list[FilePlan]:
     plans = []
     for src in srcs:
         pf = sources.open_parquet(src)
-        plan = contract.check_schema(pf.schema_arrow, opts.mapping, src.uri, opts.group_id, opts.domain_id)
-        rows = tuple(pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups))
+        try:
+            plan = contract.check_schema(pf.schema_arrow, opts.mapping, src.uri, opts.group_id, opts.domain_id)
+            rows = tuple(pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups))
+        finally:
+            pf.close(force=True)
         plans.append(FilePlan(src, plan, rows))
     return plans
 
@@ -152,28 +155,40 @@ class ChunkItem:
     encode_s: float
 
 
-def make_reader(args: ReaderArgs):
-    opened: dict[int, object] = {}
+class ChunkReader:
+    """Decodes a row group chunk by chunk into ChunkItems; keeps one file open at a time."""
 
-    def read(task: ReadTask):
-        plan = args.plans[task.file_index]
-        if task.file_index not in opened:
-            opened.clear()  # one open file per reader: bounded memory and connections
-            opened[task.file_index] = sources.open_parquet(plan.source)
-        pf = opened[task.file_index]
+    def __init__(self, args: ReaderArgs):
+        self.args = args
+        self.file_index = None
+        self.file = None
+
+    def _open(self, file_index: int):
+        if self.file_index != file_index:
+            self.close()
+            self.file = sources.open_parquet(self.args.plans[file_index].source)
+            self.file_index = file_index
+        return self.file
+
+    def __call__(self, task: ReadTask):
+        plan = self.args.plans[task.file_index]
+        pf = self._open(task.file_index)
         first_row = sum(plan.row_group_rows[: task.row_group])
-        where = plan.source.uri
-        for chunk, batch in enumerate(sources.iter_row_group(pf, task.row_group, args.batch_rows, where)):
+        for chunk, batch in enumerate(sources.iter_row_group(pf, task.row_group, self.args.batch_rows,
+                                                             plan.source.uri)):
             rows = batch.num_rows
             if chunk not in task.skip_chunks:
                 t0 = time.perf_counter()
                 prepared = contract.prepare_chunk(batch, plan.columns, task.file_index, first_row,
-                                                  args.group_id, args.domain_id)
+                                                  self.args.group_id, self.args.domain_id)
                 yield ChunkItem(task.file_index, task.row_group, chunk, rows, prepared.groups,
                                 prepared.rejects, time.perf_counter() - t0)
             first_row += rows
 
-    return read
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close(force=True)
+        self.file, self.file_index = None, None
 
 
 # -- writer stage ----------------------------------------------------------------------------
@@ -216,9 +231,16 @@ class ChunkWriter:
         if self.args.db is None:
             return ChunkResult(item.rows_in, loaded, len(item.rejects), item.rejects, 0.0)
         t0 = time.perf_counter()
-        committed = self.args.db.retry(lambda: self._attempt(item), what="commit chunk")
-        return ChunkResult(item.rows_in, loaded, len(item.rejects), [], time.perf_counter() - t0,
-                           duplicate=not committed)
+        try:
+            self.args.db.retry(lambda: self._attempt(item), what="commit chunk")
+        except _AlreadyCommitted:
+            return ChunkResult(item.rows_in, 0, 0, [], 0.0, duplicate=True)
+        return ChunkResult(item.rows_in, loaded, len(item.rejects), [], time.perf_counter() - t0)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
     def _attempt(self, item: ChunkItem) -> bool:
         try:
@@ -230,12 +252,11 @@ class ChunkWriter:
             for g in item.groups:
                 self._ensure_load_table(g.group_id)
             return self._commit(item)
+        except _AlreadyCommitted:
+            self.conn.rollback()
+            raise
         except Exception:
-            if self.conn is not None:
-                try:
-                    self.conn.close()
-                finally:
-                    self.conn = None
+            self.close()
             raise
 
     def _ensure_load_table(self, group_id: str) -> None:
@@ -276,25 +297,12 @@ class ChunkWriter:
                         [(self.args.job_id, item.file_index, row, reason, json.dumps(rec))
                          for row, reason, rec in item.rejects])
         conn.commit()
+        faults.crash_point("chunk-committed")
         return True
 
 
 class _AlreadyCommitted(Exception):
     """The chunk's checkpoint exists: another (orphaned or earlier) writer committed it."""
-
-
-def make_writer(args: WriterArgs):
-    writer = ChunkWriter(args)
-
-    def write(item: ChunkItem) -> ChunkResult:
-        try:
-            return writer(item)
-        except _AlreadyCommitted:
-            if writer.conn is not None and not writer.conn.closed:
-                writer.conn.rollback()
-            return ChunkResult(item.rows_in, 0, 0, [], 0.0, duplicate=True)
-
-    return write
 
 
 # -- the job ---------------------------------------------------------------------------------
@@ -414,8 +422,8 @@ def _run_job(session: Session, db, job, srcs, opts, on_progress, metrics, state_
         log.info("job %s: %d files, %d rows, %d row groups to read (%d chunks already committed)",
                  job.job_id, len(plans), total, len(tasks), len(done), extra={"job_id": job.job_id})
         progress = Progress(total, processed_before, opts.max_rejects, on_progress, refresh, metrics)
-        reader = Stage(make_reader, ReaderArgs(tuple(plans), batch_rows, opts.group_id, opts.domain_id))
-        writer = Stage(make_writer, WriterArgs(db, job.job_id))
+        reader = Stage(ChunkReader, ReaderArgs(tuple(plans), batch_rows, opts.group_id, opts.domain_id))
+        writer = Stage(ChunkWriter, WriterArgs(db, job.job_id))
         try:
             pipeline.run(tasks, reader, writer, progress, workers=opts.workers)
             processed, rejected = refresh()
@@ -431,6 +439,7 @@ def _run_job(session: Session, db, job, srcs, opts, on_progress, metrics, state_
     else:
         raise MtoolError("the job's staged rows were lost twice (PostgreSQL crash recovery empties unlogged "
                          "load tables)", hint="check the server's stability and retry")
+    faults.crash_point("before-commit")
     t_commit = time.monotonic()
     written = db.retry(lambda: commit_job(db, job, opts.replace, opts.workers), "commit job")
     if metrics:
@@ -497,6 +506,7 @@ def commit_job(db: Database, job, replace: bool, workers: int) -> int:
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             counts = list(pool.map(prepare, plan))
+        faults.crash_point("after-prepare")
         written = 0
         with conn.transaction():
             for (gid, table, how, select), count in zip(plan, counts):
@@ -508,6 +518,7 @@ def commit_job(db: Database, job, replace: bool, workers: int) -> int:
                 conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(pm.STAGE_SCHEMA, table)))
             conn.execute("DELETE FROM import_job_groups WHERE job_id = %s", (job.job_id,))
             jobs.complete(conn, job.job_id, written)
+        faults.crash_point("after-commit")
         pm.unlock_groups(conn, [g for g, _ in groups])
         return written
 
@@ -518,7 +529,7 @@ def _write_rejects(conn, job_id: str, opts: IngestOptions, state_dir: str | None
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     count = 0
-    with open(tmp, "w") as out:
+    with open(tmp, "w") as out, conn.transaction():  # a server-side cursor needs a transaction
         for rec in jobs.iter_rejects(conn, job_id):
             out.write(json.dumps(rec) + "\n")
             count += 1
@@ -536,8 +547,8 @@ def _dry_run(opts: IngestOptions, srcs, on_progress, t0) -> ImportResult:
     plans = inspect(srcs, opts)
     total = sum(sum(p.row_group_rows) for p in plans)
     progress = Progress(total, 0, opts.max_rejects, on_progress, None, None)
-    reader = Stage(make_reader, ReaderArgs(tuple(plans), opts.batch_rows, opts.group_id, opts.domain_id))
-    writer = Stage(make_writer, WriterArgs(None, None))
+    reader = Stage(ChunkReader, ReaderArgs(tuple(plans), opts.batch_rows, opts.group_id, opts.domain_id))
+    writer = Stage(ChunkWriter, WriterArgs(None, None))
     pipeline.run(_tasks(plans, opts.batch_rows, set()), reader, writer, progress, workers=opts.workers)
     rejects_file = None
     if progress.dry_rejects and opts.rejects_file:

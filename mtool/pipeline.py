@@ -66,6 +66,13 @@ def _report_error(result_q, role: str, exc: BaseException) -> None:
         result_q.put(("error", role, RuntimeError(f"{type(exc).__name__}: {exc}"), traceback.format_exc()))
 
 
+def _close(handler) -> None:
+    """Handlers may hold connections or open files: close them when the stage ends."""
+    close = getattr(handler, "close", None)
+    if close is not None:
+        close()
+
+
 def reader_main(stage: Stage, task_q, item_q, result_q) -> None:
     parent = _worker_setup()
     try:
@@ -79,6 +86,7 @@ def reader_main(stage: Stage, task_q, item_q, result_q) -> None:
                     except queue.Full:
                         if os.getppid() != parent:
                             return
+        _close(handle)
         result_q.put(("done", "reader", None, None))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
         _report_error(result_q, "reader", exc)
@@ -90,6 +98,7 @@ def writer_main(stage: Stage, item_q, result_q) -> None:
         handle = stage.factory(stage.args)
         while (item := item_q.get()) is not None:
             result_q.put(("result", "writer", handle(item), None))
+        _close(handle)
         result_q.put(("done", "writer", None, None))
     except BaseException as exc:  # noqa: BLE001
         _report_error(result_q, "writer", exc)
@@ -102,9 +111,13 @@ def run(tasks: Iterable, reader: Stage, writer: Stage, on_result: Callable[[Any]
     tasks = list(tasks)
     if workers <= 1:
         read, write = reader.factory(reader.args), writer.factory(writer.args)
-        for task in tasks:
-            for item in read(task):
-                on_result(write(item))
+        try:
+            for task in tasks:
+                for item in read(task):
+                    on_result(write(item))
+        finally:
+            _close(read)
+            _close(write)
         return
 
     import multiprocessing as mp

@@ -135,7 +135,7 @@ def done_chunks(conn, job_id: str) -> set[tuple[int, int, int]]:
 
 def fail(conn, job_id: str, error: str) -> None:
     conn.execute("UPDATE import_jobs SET status = 'FAILED', error = %s, finished_at = now(), updated_at = now() "
-                 "WHERE job_id = %s", (error[:4000], job_id))
+                 "WHERE job_id = %s AND status <> 'COMPLETED'", (error[:4000], job_id))
 
 
 def note_interrupted(conn, job_id: str, error: str) -> None:
