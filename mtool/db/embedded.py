@@ -166,7 +166,9 @@ class LocalPostgres:
         return True
 
     def restart(self) -> None:
-        self._run(["pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "60", "restart"])
+        # -l as at start: otherwise the new postmaster holds our captured stdout open forever.
+        self._run(["pg_ctl", "-D", str(self.data_dir), "-l", str(self.log_file), "-m", "fast", "-w", "-t", "60",
+                   "restart"])
 
     def _database_exists(self) -> bool:
         import psycopg
