@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from mtool import ingest, samples
 from mtool.db.connection import Database
 
@@ -24,8 +26,8 @@ def run(db: Database, rows: int, state_dir: str) -> dict:
             (samples.group_ids(DEMO_GROUPS),)).fetchall()
         top = conn.execute(
             "SELECT group_id, reference_id, matched_reference_id, compatibility_score FROM potential_matches "
-            "WHERE group_id = %s AND reference_id IN ('u0', 'u1') ORDER BY reference_id, compatibility_score DESC",
-            (samples.group_ids(DEMO_GROUPS)[0],)).fetchall()
+            "WHERE group_id = %s AND reference_id = ANY(%s) ORDER BY reference_id, compatibility_score DESC",
+            (samples.group_ids(DEMO_GROUPS)[0], samples.user_ids(np.arange(2)).to_pylist())).fetchall()
     return {"file": path, "import": result.to_json(),
             "groups": [{"group_id": str(g), "matches": n, "users": u, "avg_score": round(float(a), 3)}
                        for g, n, u, a in per_group],
@@ -43,5 +45,9 @@ def format_summary(summary: dict) -> str:
     lines += [f"  {g['group_id']}: {g['matches']} matches for {g['users']} users, avg score {g['avg_score']}"
               for g in summary["groups"]]
     lines.append("top matches of two users:")
-    lines += [f"  {t['user']} -> {t['match']} ({t['score']})" for t in summary["top_matches"]]
+    shown: dict = {}
+    for t in summary["top_matches"]:
+        if shown.setdefault(t["user"], 0) < 5:  # the five best of each
+            shown[t["user"]] += 1
+            lines.append(f"  {t['user']} -> {t['match']} ({t['score']})")
     return "\n".join(lines)

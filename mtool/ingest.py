@@ -139,8 +139,12 @@ class ReaderArgs:
 
 @dataclass(frozen=True)
 class ReadTask:
+    """Chunks [first_chunk, end_chunk) of one row group, less those already committed."""
+
     file_index: int
     row_group: int
+    first_chunk: int
+    end_chunk: int
     skip_chunks: frozenset
 
 
@@ -176,8 +180,10 @@ class ChunkReader:
         first_row = sum(plan.row_group_rows[: task.row_group])
         for chunk, batch in enumerate(sources.iter_row_group(pf, task.row_group, self.args.batch_rows,
                                                              plan.source.uri)):
+            if chunk >= task.end_chunk:
+                break
             rows = batch.num_rows
-            if chunk not in task.skip_chunks:
+            if chunk >= task.first_chunk and chunk not in task.skip_chunks:
                 t0 = time.perf_counter()
                 prepared = contract.prepare_chunk(batch, plan.columns, task.file_index, first_row,
                                                   self.args.group_id, self.args.domain_id)
@@ -396,14 +402,21 @@ def _best_effort(session: Session, fn) -> None:
         log.error("could not record the job's state: %s", exc)
 
 
+# A large row group is split into tasks of this many chunks so that every reader has work; a
+# reader decodes (without encoding) the chunks before its range, which costs ~15% of encoding them.
+CHUNKS_PER_TASK = 3
+
+
 def _tasks(plans, batch_rows: int, done: set) -> list[ReadTask]:
     tasks = []
     for fi, plan in enumerate(plans):
         for rg, rows in enumerate(plan.row_group_rows):
-            chunks = max(1, -(-rows // batch_rows))
-            skip = frozenset(c for c in range(chunks) if (fi, rg, c) in done)
-            if len(skip) < chunks and rows:
-                tasks.append(ReadTask(fi, rg, skip))
+            chunks = -(-rows // batch_rows)
+            for first in range(0, chunks, CHUNKS_PER_TASK):
+                end = min(chunks, first + CHUNKS_PER_TASK)
+                skip = frozenset(c for c in range(first, end) if (fi, rg, c) in done)
+                if len(skip) < end - first:
+                    tasks.append(ReadTask(fi, rg, first, end, skip))
     return tasks
 
 
@@ -441,6 +454,7 @@ def _run_job(session: Session, db, job, srcs, opts, on_progress, metrics, state_
                          "load tables)", hint="check the server's stability and retry")
     faults.crash_point("before-commit")
     t_commit = time.monotonic()
+    log.info("job %s: loaded in %.1f s", job.job_id, t_commit - t0, extra={"job_id": job.job_id})
     written = db.retry(lambda: commit_job(db, job, opts.replace, opts.workers), "commit job")
     if metrics:
         metrics.storage_finished(written, time.monotonic() - t_commit)
@@ -504,8 +518,10 @@ def commit_job(db: Database, job, replace: bool, workers: int) -> int:
             return db.run(lambda c: pm.build_prepared(c, gid, prepared_table_name(table), select),
                           f"prepare group {gid}")
 
+        t0 = time.monotonic()
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             counts = list(pool.map(prepare, plan))
+        log.info("job %s: groups prepared in %.1f s", job.job_id, time.monotonic() - t0, extra={"job_id": job.job_id})
         faults.crash_point("after-prepare")
         written = 0
         with conn.transaction():
@@ -518,6 +534,7 @@ def commit_job(db: Database, job, replace: bool, workers: int) -> int:
                 conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(pm.STAGE_SCHEMA, table)))
             conn.execute("DELETE FROM import_job_groups WHERE job_id = %s", (job.job_id,))
             jobs.complete(conn, job.job_id, written)
+        log.info("job %s: committed in %.1f s", job.job_id, time.monotonic() - t0, extra={"job_id": job.job_id})
         faults.crash_point("after-commit")
         pm.unlock_groups(conn, [g for g, _ in groups])
         return written

@@ -86,9 +86,11 @@ def deduped_select(load_table: sql.Composable, group_id: str, cycle_default: str
 
 
 def build_prepared(conn, group_id: str, prepared: str, select: sql.Composed) -> int:
-    """Materialise `select` into mtool_stage.<prepared> with its key and partition check; row count."""
+    """Materialise `select` into mtool_stage.<prepared> with its key and partition check; row count.
+    Rows arrive in key order, so the key is built over sorted data in one pass."""
     target = sql.Identifier(STAGE_SCHEMA, prepared)
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(target))
+    # Logged from the start: measured faster than building unlogged and then SET LOGGED (a rewrite).
     conn.execute(sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS)").format(target, sql.Identifier(PARENT)))
     count = conn.execute(sql.SQL("INSERT INTO {} ({}) {}").format(
         target, sql.SQL(", ").join(map(sql.Identifier, COLUMNS)), select)).rowcount
@@ -96,7 +98,7 @@ def build_prepared(conn, group_id: str, prepared: str, select: sql.Composed) -> 
                  .format(target))
     # Matches the partition constraint, so ATTACH PARTITION skips its validation scan.
     conn.execute(sql.SQL("ALTER TABLE {} ADD CHECK (group_id = {}::uuid)").format(target, sql.Literal(str(group_id))))
-    conn.execute(sql.SQL("ANALYZE {}").format(target))
+    # No ANALYZE: building the key already set reltuples; autovacuum gathers statistics later.
     return count
 
 
