@@ -132,7 +132,11 @@ def bench_mtool(server, parquet_path: str, workers: int | None) -> tuple[float, 
         raise SystemExit(f"mtool ingest failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout)
     with psycopg.connect(dsn) as conn:
-        assert conn.execute("SELECT count(*) FROM potential_matches").fetchone()[0] == result["written_rows"]
+        landed = conn.execute("SELECT count(*) FROM potential_matches").fetchone()[0]
+    rows = pq.ParquetFile(parquet_path).metadata.num_rows
+    if not landed == result["written_rows"] == result["processed_rows"] == rows:  # the sample keys are unique
+        raise SystemExit(f"row count mismatch: file {rows}, read {result['processed_rows']}, "
+                         f"written {result['written_rows']}, in table {landed}")
     return wall, peak_mb, result
 
 

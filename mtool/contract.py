@@ -23,17 +23,21 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 # seq orders rows for "last row wins": file index in the high bits, row number in the file below.
 ROWS_PER_FILE_BITS = 40
 
-# Columns of a job's load table, in COPY order, and their PostgreSQL types.
-LOAD_COLUMNS = ("seq", "reference_id", "matched_reference_id", "compatibility_score",
-                "domain_id", "processing_cycle_id", "matched_at")
-LOAD_TABLE_DDL = """(
-    seq bigint NOT NULL,
-    reference_id text COLLATE "C" NOT NULL,
-    matched_reference_id text COLLATE "C" NOT NULL,
-    compatibility_score real NOT NULL,
-    domain_id uuid NOT NULL,
-    processing_cycle_id text,
-    matched_at timestamptz)"""
+# Columns of a job's load table, in COPY order: `seq` then the columns of potential_matches, so
+# that the load table, keyed and with `seq` dropped, becomes the group's partition as it is.
+LOAD_COLUMNS = ("seq", "group_id", "domain_id", "processing_cycle_id", "reference_id", "matched_reference_id",
+                "compatibility_score", "matched_at")
+
+
+@dataclass(frozen=True)
+class RowDefaults:
+    """Values for optional columns a file lacks (or leaves null), fixed per job so that a
+    resumed job writes the same rows: the job id as cycle, its creation time as matched_at."""
+
+    group_id: str | None
+    domain_id: str | None
+    processing_cycle_id: str = "dry-run"
+    matched_at_us: int = 0  # microseconds since 1970-01-01 UTC
 
 
 def _is_stringish(t) -> bool:
@@ -183,12 +187,13 @@ def _mask(arr) -> np.ndarray:
 
 
 def prepare_chunk(batch, plan: ColumnPlan, file_index: int, first_row: int,
-                  job_group: str | None, job_domain: str | None) -> PreparedChunk:
+                  defaults: RowDefaults) -> PreparedChunk:
     """Validate one decoded batch and encode its good rows as per-group COPY payloads."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     n = batch.num_rows
+    job_group, job_domain = defaults.group_id, defaults.domain_id
 
     def col(name):
         src = plan.source.get(name)
@@ -243,36 +248,34 @@ def prepare_chunk(batch, plan: ColumnPlan, file_index: int, first_row: int,
     if len(good):
         order = good[np.argsort(g_idx[good], kind="stable")]
         cuts = np.flatnonzero(np.diff(g_idx[order])) + 1
-        domain_bytes = np.array([uuid.UUID(d).bytes if d else bytes(16) for d in d_canon], dtype="S16")
-        domain_bytes = domain_bytes.view(np.uint8).reshape(len(d_canon), 16)
-        matched_at = col("matched_at")
-        if matched_at is not None:
-            matched_at = matched_at.cast(pa.timestamp("us", tz="UTC"))
+        domain_bytes = _uuid_matrix(d_canon)
+        if cycle is not None:
+            cycle = pc.fill_null(cycle, defaults.processing_cycle_id)
+        matched_us = None
+        if col("matched_at") is not None:
+            at = col("matched_at").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+            matched_us = pc.fill_null(at, defaults.matched_at_us).to_numpy(zero_copy_only=False)
         for sel in np.split(order, cuts):
+            m = len(sel)
             take = pa.array(sel)
+            group_id = g_canon[g_idx[sel[0]]]
             seq = (np.int64(file_index) << ROWS_PER_FILE_BITS) + first_row + sel
+            at_us = matched_us[sel] if matched_us is not None else np.full(m, defaults.matched_at_us, np.int64)
             fields = [
                 pgcopy.fixed(seq, ">i8"),
+                pgcopy.uuid_bytes(np.broadcast_to(_uuid_matrix([group_id]), (m, 16))),
+                pgcopy.uuid_bytes(domain_bytes[d_idx[sel]]),
+                pgcopy.text(cycle.take(take) if cycle is not None else pa.repeat(pa.scalar(defaults.processing_cycle_id, pa.large_string()), m)),
                 pgcopy.text(ref.take(take)),
                 pgcopy.text(mref.take(take)),
                 pgcopy.fixed(score[sel], ">f4"),
-                pgcopy.uuid_bytes(domain_bytes[d_idx[sel]]),
-                pgcopy.text(cycle.take(take)) if cycle is not None else pgcopy.null_field(len(sel)),
-                _timestamp_field(matched_at.take(take)) if matched_at is not None else pgcopy.null_field(len(sel)),
+                pgcopy.fixed(at_us - pgcopy.PG_EPOCH_OFFSET_US, ">i8"),
             ]
-            groups.append(GroupPayload(g_canon[g_idx[sel[0]]], len(sel),
-                                       pgcopy.encode_rows(fields, len(sel))))
+            groups.append(GroupPayload(group_id, m, pgcopy.encode_rows(fields, m)))
     return PreparedChunk(n, groups, rejects)
 
 
-def _timestamp_field(arr):
-    import pyarrow as pa
-
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    us = arr.cast(pa.int64()).to_numpy(zero_copy_only=False)
-    valid = None
-    if arr.null_count:
-        valid = np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), bool)
-        us = np.where(valid, us, 0)
-    return pgcopy.fixed(us.astype(np.int64) - pgcopy.PG_EPOCH_OFFSET_US, ">i8", valid)
+def _uuid_matrix(values) -> np.ndarray:
+    """(len(values), 16) uint8 of UUID strings (None -> zeros)."""
+    raw = np.array([uuid.UUID(v).bytes if v else bytes(16) for v in values], dtype="S16")
+    return raw.view(np.uint8).reshape(len(values), 16)

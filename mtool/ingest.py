@@ -133,8 +133,7 @@ def inspect(srcs, opts: IngestOptions) -> list[FilePlan]:
 class ReaderArgs:
     plans: tuple
     batch_rows: int
-    group_id: str | None
-    domain_id: str | None
+    defaults: contract.RowDefaults
 
 
 @dataclass(frozen=True)
@@ -186,7 +185,7 @@ class ChunkReader:
             if chunk >= task.first_chunk and chunk not in task.skip_chunks:
                 t0 = time.perf_counter()
                 prepared = contract.prepare_chunk(batch, plan.columns, task.file_index, first_row,
-                                                  self.args.group_id, self.args.domain_id)
+                                                  self.args.defaults)
                 yield ChunkItem(task.file_index, task.row_group, chunk, rows, prepared.groups,
                                 prepared.rejects, time.perf_counter() - t0)
             first_row += rows
@@ -219,8 +218,12 @@ def load_table_name(job_id: str, group_id: str) -> str:
     return "l_" + hashlib.blake2b(f"{job_id}:{group_id}".encode(), digest_size=12).hexdigest()
 
 
-def prepared_table_name(load_table: str) -> str:
-    return "p_" + load_table[2:]
+def _epoch_us(ts) -> int:
+    """Microseconds since 1970 of a timestamptz, exactly (no float rounding)."""
+    from datetime import datetime, timezone
+
+    delta = ts - datetime(1970, 1, 1, tzinfo=timezone.utc)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 class ChunkWriter:
@@ -268,16 +271,13 @@ class ChunkWriter:
     def _ensure_load_table(self, group_id: str) -> None:
         if group_id in self.tables:
             return
-        from psycopg import sql
-
         conn, job_id = self.conn, self.args.job_id
         name = load_table_name(job_id, group_id)
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key("job-tables", job_id),))
             conn.execute("INSERT INTO import_job_groups (job_id, group_id, load_table) VALUES (%s, %s, %s) "
                          "ON CONFLICT DO NOTHING", (job_id, group_id, name))
-            conn.execute(sql.SQL("CREATE UNLOGGED TABLE IF NOT EXISTS {} " + contract.LOAD_TABLE_DDL)
-                         .format(sql.Identifier(pm.STAGE_SCHEMA, name)))
+            pm.create_load_table(conn, name)
         conn.commit()
         self.tables[group_id] = f'{pm.STAGE_SCHEMA}."{name}"'
 
@@ -426,32 +426,25 @@ def _run_job(session: Session, db, job, srcs, opts, on_progress, metrics, state_
     total = sum(sum(p.row_group_rows) for p in plans)
     session.run(lambda c: jobs.start(c, job.job_id, total), "start job")
     refresh = lambda: session.run(lambda c: jobs.record_progress(c, job.job_id), "record progress")  # noqa: E731
-    for _ in range(2):
-        done = session.run(lambda c: jobs.done_chunks(c, job.job_id), "read checkpoint")
-        if done and session.run(lambda c: _load_tables_lost(c, job.job_id), "check staging"):
-            continue
-        processed_before, _ = refresh()
-        tasks = _tasks(plans, batch_rows, done)
-        log.info("job %s: %d files, %d rows, %d row groups to read (%d chunks already committed)",
-                 job.job_id, len(plans), total, len(tasks), len(done), extra={"job_id": job.job_id})
-        progress = Progress(total, processed_before, opts.max_rejects, on_progress, refresh, metrics)
-        reader = Stage(ChunkReader, ReaderArgs(tuple(plans), batch_rows, opts.group_id, opts.domain_id))
-        writer = Stage(ChunkWriter, WriterArgs(db, job.job_id))
-        try:
-            pipeline.run(tasks, reader, writer, progress, workers=opts.workers)
-            processed, rejected = refresh()
-            if rejected > opts.max_rejects:
-                raise TooManyRejects(f"{rejected} rows were rejected, more than --max-rejects {opts.max_rejects}",
-                                     hint="see the rejects file; fix the producer or raise --max-rejects")
-        except TooManyRejects as exc:
-            refresh()
-            path = session.run(lambda c: _write_rejects(c, job.job_id, opts, state_dir), "write rejects")
-            raise TooManyRejects(f"{exc.message}; rejected rows are in {path}", exc.hint) from None
-        if not session.run(lambda c: _load_tables_lost(c, job.job_id), "check staging"):
-            break
-    else:
-        raise MtoolError("the job's staged rows were lost twice (PostgreSQL crash recovery empties unlogged "
-                         "load tables)", hint="check the server's stability and retry")
+    done = session.run(lambda c: jobs.done_chunks(c, job.job_id), "read checkpoint")
+    processed_before, _ = refresh()
+    tasks = _tasks(plans, batch_rows, done)
+    log.info("job %s: %d files, %d rows, %d read tasks (%d chunks already committed)",
+             job.job_id, len(plans), total, len(tasks), len(done), extra={"job_id": job.job_id})
+    progress = Progress(total, processed_before, opts.max_rejects, on_progress, refresh, metrics)
+    defaults = contract.RowDefaults(opts.group_id, opts.domain_id, job.job_id, _epoch_us(job.created_at))
+    reader = Stage(ChunkReader, ReaderArgs(tuple(plans), batch_rows, defaults))
+    writer = Stage(ChunkWriter, WriterArgs(db, job.job_id))
+    try:
+        pipeline.run(tasks, reader, writer, progress, workers=opts.workers)
+        processed, rejected = refresh()
+        if rejected > opts.max_rejects:
+            raise TooManyRejects(f"{rejected} rows were rejected, more than --max-rejects {opts.max_rejects}",
+                                 hint="see the rejects file; fix the producer or raise --max-rejects")
+    except TooManyRejects as exc:
+        refresh()
+        path = session.run(lambda c: _write_rejects(c, job.job_id, opts, state_dir), "write rejects")
+        raise TooManyRejects(f"{exc.message}; rejected rows are in {path}", exc.hint) from None
     faults.crash_point("before-commit")
     t_commit = time.monotonic()
     log.info("job %s: loaded in %.1f s", job.job_id, t_commit - t0, extra={"job_id": job.job_id})
@@ -464,31 +457,10 @@ def _run_job(session: Session, db, job, srcs, opts, on_progress, metrics, state_
     return _result(final, len(srcs), time.monotonic() - t0, rejects_file=rejects_path)
 
 
-def _load_tables_lost(conn, job_id: str) -> bool:
-    """True (and the job's load state reset) when a server crash emptied the unlogged load tables
-    after chunks were committed: those chunks must be loaded again."""
-    from psycopg import sql
-
-    lost = False
-    for _, table in jobs.groups(conn, job_id):
-        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'{pm.STAGE_SCHEMA}."{table}"',)).fetchone()[0]
-        if not exists or not conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(
-                sql.Identifier(pm.STAGE_SCHEMA, table))).fetchone()[0]:
-            lost = True
-    if lost:
-        log.warning("job %s: staged rows were lost (server crash recovery); reloading from the start", job_id,
-                    extra={"job_id": job_id})
-        with conn.transaction():
-            for _, table in jobs.groups(conn, job_id):
-                conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(pm.STAGE_SCHEMA, table)))
-            for t in ("import_checkpoints", "import_rejects", "import_job_groups"):
-                conn.execute(sql.SQL("DELETE FROM {} WHERE job_id = %s").format(sql.Identifier(t)), (job_id,))
-    return lost
-
-
 def commit_job(db: Database, job, replace: bool, workers: int) -> int:
     """Apply the job's load tables to potential_matches and mark it COMPLETED, atomically.
-    Safe to repeat: prepared tables are rebuilt, and a job already COMPLETED returns its count."""
+    Safe to repeat after a crash: preparing is idempotent, and a job already COMPLETED
+    returns its count."""
     from psycopg import sql
 
     with db.connect(autocommit=True) as conn:
@@ -499,24 +471,29 @@ def commit_job(db: Database, job, replace: bool, workers: int) -> int:
         pm.lock_groups(conn, [g for g, _ in groups])
         plan = []
         for gid, table in groups:
-            load = sql.Identifier(pm.STAGE_SCHEMA, table)
-            existing = None if replace else pm.partition_rows_estimate(conn, gid)
+            existing = 0 if replace else pm.partition_rows(conn, gid)
             if not existing:
                 how = "build"
+            elif pm.is_prepared(conn, table):
+                how = "merge"  # prepared by a run that was cut off; the group changed since
             else:
-                staged = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(load)).fetchone()[0]
+                staged = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(pm.stage_ident(table))).fetchone()[0]
                 how = "rebuild" if staged >= pm.REBUILD_SHARE * existing else "merge"
-            select = pm.deduped_select(load, gid, job.job_id, job.created_at, include_existing=(how == "rebuild"))
-            plan.append((gid, table, how, select))
+            plan.append((gid, table, how))
         log.info("job %s: committing %d groups (%s)", job.job_id, len(plan),
-                 ", ".join(sorted({how for _, _, how, _ in plan})), extra={"job_id": job.job_id})
+                 ", ".join(f"{sum(1 for p in plan if p[2] == h)} {h}" for h in ("build", "rebuild", "merge")
+                           if any(p[2] == h for p in plan)), extra={"job_id": job.job_id})
 
         def prepare(entry):
-            gid, table, how, select = entry
+            gid, table, how = entry
             if how == "merge":
                 return 0
-            return db.run(lambda c: pm.build_prepared(c, gid, prepared_table_name(table), select),
-                          f"prepare group {gid}")
+            t = time.monotonic()
+            count = db.run(lambda c: pm.prepare_for_swap(c, gid, table, include_existing=(how == "rebuild")),
+                           f"prepare group {gid}")
+            log.debug("group %s: %d rows prepared in %.2f s", gid, count, time.monotonic() - t,
+                      extra={"job_id": job.job_id, "group_id": gid})
+            return count
 
         t0 = time.monotonic()
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -525,13 +502,15 @@ def commit_job(db: Database, job, replace: bool, workers: int) -> int:
         faults.crash_point("after-prepare")
         written = 0
         with conn.transaction():
-            for (gid, table, how, select), count in zip(plan, counts):
+            for (gid, table, how), count in zip(plan, counts):
                 if how == "merge":
-                    written += pm.merge_into(conn, gid, select)
+                    written += pm.merge_into(conn, gid, table)
+                    conn.execute(sql.SQL("DROP TABLE {}").format(pm.stage_ident(table)))
                 else:
-                    pm.swap_in(conn, gid, prepared_table_name(table))
+                    if how == "build" and not replace:
+                        pm.delete_existing_copies(conn, table)  # only after a cut-off rebuild of a group now empty
+                    pm.swap_in(conn, gid, table)
                     written += count
-                conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(pm.STAGE_SCHEMA, table)))
             conn.execute("DELETE FROM import_job_groups WHERE job_id = %s", (job.job_id,))
             jobs.complete(conn, job.job_id, written)
         log.info("job %s: committed in %.1f s", job.job_id, time.monotonic() - t0, extra={"job_id": job.job_id})
@@ -564,7 +543,8 @@ def _dry_run(opts: IngestOptions, srcs, on_progress, t0) -> ImportResult:
     plans = inspect(srcs, opts)
     total = sum(sum(p.row_group_rows) for p in plans)
     progress = Progress(total, 0, opts.max_rejects, on_progress, None, None)
-    reader = Stage(ChunkReader, ReaderArgs(tuple(plans), opts.batch_rows, opts.group_id, opts.domain_id))
+    reader = Stage(ChunkReader, ReaderArgs(tuple(plans), opts.batch_rows,
+                                           contract.RowDefaults(opts.group_id, opts.domain_id)))
     writer = Stage(ChunkWriter, WriterArgs(None, None))
     pipeline.run(_tasks(plans, opts.batch_rows, set()), reader, writer, progress, workers=opts.workers)
     rejects_file = None

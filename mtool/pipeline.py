@@ -87,6 +87,10 @@ def reader_main(stage: Stage, task_q, item_q, result_q) -> None:
                         if os.getppid() != parent:
                             return
         _close(handle)
+        # put() only hands items to a feeder thread: flush them into the pipe before saying
+        # "done" on another queue, or the writers could be told to stop before they arrive.
+        item_q.close()
+        item_q.join_thread()
         result_q.put(("done", "reader", None, None))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
         _report_error(result_q, "reader", exc)

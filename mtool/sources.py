@@ -194,11 +194,23 @@ def first_line(exc: BaseException) -> str:
 
 
 def iter_row_group(pf, row_group: int, batch_rows: int, where: str):
-    """Record batches of at most batch_rows rows from one row group, in file order."""
+    """The row group as consecutive record batches of exactly batch_rows rows (the last one may
+    be shorter): chunk c is always rows [c * batch_rows, (c + 1) * batch_rows), whatever sizes
+    the decoder produces, so that checkpoints name the same rows on every run."""
     import pyarrow as pa
 
+    pending, have = [], 0
     try:
-        yield from pf.iter_batches(batch_size=batch_rows, row_groups=[row_group], use_threads=False)
+        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[row_group], use_threads=False):
+            pending.append(batch)
+            have += batch.num_rows
+            while have >= batch_rows:
+                table = pa.Table.from_batches(pending)
+                yield table.slice(0, batch_rows).combine_chunks().to_batches()[0]
+                rest = table.slice(batch_rows)
+                pending, have = rest.combine_chunks().to_batches() if rest.num_rows else [], rest.num_rows
+        if have:
+            yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise InvalidInput(f"{where}: row group {row_group} cannot be decoded ({first_line(exc)})",
                            hint="the file is truncated or corrupt") from None

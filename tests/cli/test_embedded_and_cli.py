@@ -4,7 +4,6 @@ light `import mtool`."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -11,7 +11,6 @@ import sys
 import time
 
 import psycopg
-import pyarrow as pa
 import pytest
 
 from tests.conftest import run_mtool

@@ -29,7 +29,7 @@ def test_physical_variants_are_accepted(ids, score):
     b = pa.RecordBatch.from_arrays(
         [pa.array(["a", "b"]).cast(ids), pa.array(["c", "d"]).cast(ids), pa.array(values, score)],
         names=["reference_id", "matched_reference_id", "compatibility_score"])
-    prepared = contract.prepare_chunk(b, plan_for(b), 0, 0, G, D)
+    prepared = contract.prepare_chunk(b, plan_for(b), 0, 0, contract.RowDefaults(G, D))
     assert prepared.rejects == [] and sum(g.rows for g in prepared.groups) == 2
 
 
@@ -64,7 +64,7 @@ def test_bad_rows_are_rejected_with_their_reason():
         compatibility_score=[0.5, 0.5, float("nan"), float("inf"), None, 0.5, 0.5, 1e39, 0.5],
         group_id=[G, G, G, G, G, G, G, "not-a-uuid", G],
     )
-    prepared = contract.prepare_chunk(b, plan_for(b), 0, 100, None, D)
+    prepared = contract.prepare_chunk(b, plan_for(b), 0, 100, contract.RowDefaults(None, D))
     reasons = {row: reason for row, reason, _ in prepared.rejects}
     assert reasons == {
         101: "reference_id is null",
@@ -85,9 +85,24 @@ def test_rows_split_by_group_and_uuid_forms_canonicalised():
     g2 = str(uuid.uuid4())
     b = batch(reference_id=["a", "b", "c"], matched_reference_id=["x", "y", "z"], compatibility_score=[1.0, 2.0, 3.0],
               group_id=[G.upper(), g2, G])
-    prepared = contract.prepare_chunk(b, plan_for(b), 0, 0, None, D)
+    prepared = contract.prepare_chunk(b, plan_for(b), 0, 0, contract.RowDefaults(None, D))
     assert sorted((g.group_id, g.rows) for g in prepared.groups) == sorted([(G, 2), (g2, 1)])
 
 
 def test_seq_orders_files_then_rows():
     assert (np.int64(1) << contract.ROWS_PER_FILE_BITS) > 10**12
+
+
+def test_row_group_chunks_are_exact_row_ranges(tmp_path):
+    """Checkpoints name chunks by index: chunk c must always be rows [c*B, (c+1)*B)."""
+    import pyarrow.parquet as pq
+
+    from mtool import sources
+
+    path = tmp_path / "f.parquet"
+    pq.write_table(pa.table({"x": list(range(10_000))}), path, row_group_size=10_000, data_page_size=1000,
+                   write_batch_size=333)
+    pf = pq.ParquetFile(path)
+    chunks = [b.column("x").to_pylist() for b in sources.iter_row_group(pf, 0, 3_000, "f")]
+    assert [len(c) for c in chunks] == [3000, 3000, 3000, 1000]
+    assert sum(chunks, []) == list(range(10_000))
