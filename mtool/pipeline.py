@@ -53,10 +53,12 @@ def _die_with_parent() -> None:
             pass
 
 
-def _worker_setup() -> int:
+def _worker_setup(parent_pid: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
-    return os.getppid()
+    if os.getppid() != parent_pid:  # the parent died before PDEATHSIG was armed
+        os._exit(1)
+    return parent_pid
 
 
 def _report_error(result_q, role: str, exc: BaseException) -> None:
@@ -73,8 +75,8 @@ def _close(handler) -> None:
         close()
 
 
-def reader_main(stage: Stage, task_q, item_q, result_q) -> None:
-    parent = _worker_setup()
+def reader_main(stage: Stage, task_q, item_q, result_q, parent_pid: int) -> None:
+    parent = _worker_setup(parent_pid)
     try:
         handle = stage.factory(stage.args)
         while (task := task_q.get()) is not None:
@@ -96,8 +98,8 @@ def reader_main(stage: Stage, task_q, item_q, result_q) -> None:
         _report_error(result_q, "reader", exc)
 
 
-def writer_main(stage: Stage, item_q, result_q) -> None:
-    _worker_setup()
+def writer_main(stage: Stage, item_q, result_q, parent_pid: int) -> None:
+    _worker_setup(parent_pid)
     try:
         handle = stage.factory(stage.args)
         while (item := item_q.get()) is not None:
@@ -134,9 +136,10 @@ def run(tasks: Iterable, reader: Stage, writer: Stage, on_result: Callable[[Any]
         task_q.put(task)
     for _ in range(n_readers):
         task_q.put(None)
-    readers = [ctx.Process(target=reader_main, args=(reader, task_q, item_q, result_q), daemon=True,
+    me = os.getpid()
+    readers = [ctx.Process(target=reader_main, args=(reader, task_q, item_q, result_q, me), daemon=True,
                            name=f"mtool-reader-{i}") for i in range(n_readers)]
-    writers = [ctx.Process(target=writer_main, args=(writer, item_q, result_q), daemon=True,
+    writers = [ctx.Process(target=writer_main, args=(writer, item_q, result_q, me), daemon=True,
                            name=f"mtool-writer-{i}") for i in range(n_writers)]
     procs = readers + writers
     for p in procs:

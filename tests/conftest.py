@@ -93,7 +93,13 @@ def s3_endpoint():
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    yield f"http://127.0.0.1:{port}"
+    endpoint = f"http://127.0.0.1:{port}"
+    import boto3
+
+    # The first request loads moto's S3 backend (seconds on a busy machine): do it once here.
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").list_buckets()
+    yield endpoint
     server.stop()
 
 

@@ -78,7 +78,7 @@ def test_kill_9_of_the_parent_stops_its_workers_and_resumes(dsn, files):
                 break
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        proc.communicate(timeout=60)  # EOF on its pipes: no worker outlived it
         time.sleep(1.0)  # orphans would keep committing chunks: there must be none
         settled = conn.execute("SELECT count(*) FROM import_checkpoints").fetchone()[0]
         time.sleep(1.0)
