@@ -256,3 +256,32 @@ def test_schema_behind_is_refused_with_the_fix(pg_server, files):
         conn.execute("CREATE DATABASE blank")
     proc = run_mtool(["ingest", write(files / "x.parquet", rows_for(G1, 1))], pg_server.dsn("blank"))
     assert proc.returncode == 78 and "mtool db init" in proc.stderr
+
+
+def test_metrics_pushed_to_a_pushgateway(dsn, files):
+    """A Pushgateway is an HTTP endpoint taking PUT /metrics/job/<job>: receive one for real."""
+    import http.server
+    import threading
+
+    received = {}
+
+    class Gateway(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self):
+            received["path"] = self.path
+            received["body"] = self.rfile.read(int(self.headers["Content-Length"])).decode()
+            self.send_response(202)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        path = write(files / "push.parquet", rows_for(G1, 7))
+        run_mtool(["ingest", path, "--pushgateway", f"http://127.0.0.1:{server.server_address[1]}"], dsn, check_rc=0)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert received["path"] == "/metrics/job/mtool_ingest"
+    assert "match_suggestions_storage_matches_saved_total" in received["body"]
