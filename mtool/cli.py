@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -385,6 +386,108 @@ def _uuid_arg(value: str) -> str:
         return str(uuid.UUID(value))
     except ValueError:
         raise UsageError(f"{value!r} is not a job id (a UUID)") from None
+
+
+# -- nodes and match ----------------------------------------------------------------------
+
+@cli.group()
+def nodes():
+    """Import the nodes (users) that `mtool match` matches."""
+
+
+@nodes.command("import")
+@click.argument("uris", nargs=-1, required=True)
+@opt("--group-id", help="Group of rows that have no group_id column.")
+@opt("--domain-id", help="Domain of rows that have no domain_id column.")
+@opt("--map", "mapping", multiple=True, metavar="SRC=DST", help="Rename a file column (repeatable).")
+@opt("--max-rejects", type=int, default=1000, show_default=True)
+@opt("--rejects-file", type=click.Path(dir_okay=False))
+@opt("--json", "as_json", is_flag=True)
+@click.pass_obj
+def nodes_import(obj, uris, group_id, domain_id, mapping, max_rejects, rejects_file, as_json):
+    """Upsert nodes from Parquet files (path, directory, glob, http(s), s3) into `nodes`.
+
+    Columns: reference_id, group_id, domain_id, optional type and embedding (list of floats),
+    and metadata as a `metadata` column (map or JSON object string) or every other column.
+    """
+    from mtool.match import nodes as node_mod
+
+    pairs = []
+    for pair in mapping:
+        src, sep, dst = pair.partition("=")
+        if not sep:
+            raise UsageError(f"--map {pair!r} is not SRC=DST")
+        pairs.append((src, dst))
+    result = node_mod.import_nodes(obj.database(), uris, group_id, domain_id, tuple(pairs), max_rejects,
+                                   rejects_file)
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+    else:
+        click.echo(f"{result.imported} nodes imported from {result.files} file(s), {result.rejected} rejected"
+                   + (f" (see {result.rejects_file})" if result.rejects_file else ""))
+    if result.rejected:
+        sys.exit(ExitCode.PARTIAL)
+
+
+@cli.command()
+@opt("--domain-id", "domain_ids", multiple=True, help="Only these domains (repeatable).")
+@opt("--group-id", "group_ids", multiple=True, help="Only these groups (repeatable).")
+@opt("--profile", type=click.Path(dir_okay=False), help="Match profile (YAML/JSON). Default: embeddings only.")
+@opt("--k", type=int, default=None, help="Matches kept per node (overrides the profile).")
+@opt("--mode", type=click.Choice(["auto", "symmetric", "bipartite"]), default=None,
+     help="auto: bipartite when the profile names a partition.")
+@opt("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
+@opt("--workers", type=int, default=None, help="FAISS threads (default: all CPUs).")
+@opt("--shard", default="0/1", show_default=True, metavar="I/N",
+     help="Process only the groups whose hash falls in shard I of N (a Kubernetes Indexed Job).")
+@opt("--cycle-id", help="Cycle id (default: resume the group's unfinished cycle, else a new one).")
+@opt("--output", default="postgres", show_default=True,
+     help="postgres, or PATH.parquet: write matches as Parquet shards (import contract) instead.")
+@opt("--block-rows", type=int, default=4096, show_default=True,
+     help="Query nodes per staging chunk: the unit of resume and of memory.")
+@opt("--json", "as_json", is_flag=True)
+@click.pass_obj
+def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, cycle_id, output, block_rows,
+          as_json):
+    """Compute each selected group's top-K potential matches and write them as a new cycle.
+
+    Readers of potential_matches see a group's previous cycle until its new one is complete.
+    Exit 0 when every group completed, 3 when some failed (the others were written).
+    """
+    from mtool import device as dev
+    from mtool.config import state_dir
+    from mtool.match import engine
+    from mtool.match import profile as prof
+
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+        assert 0 <= index < count
+    except (ValueError, AssertionError):
+        raise UsageError(f"--shard {shard!r} is not I/N with 0 <= I < N") from None
+    for value in domain_ids + group_ids:
+        _uuid_arg(value)
+    profile_obj = prof.load(profile).with_overrides(k=k, mode=mode)
+    opts = engine.MatchOptions(profile_obj, dev.choose(device), tuple(domain_ids), tuple(group_ids), (index, count),
+                               cycle_id, None if output == "postgres" else output,
+                               block_rows=block_rows, staging_dir=os.path.join(state_dir(), "staging"),
+                               threads=workers)
+
+    def progress(result):
+        log.info("group %s: %s (%d nodes, %d edges, %.1f s)%s", result.group_id, result.status, result.nodes,
+                 result.edges, result.seconds, f": {result.error}" if result.error else "",
+                 extra={"group_id": result.group_id, "cycle_id": result.cycle_id})
+
+    summary = engine.run(obj.database(), opts, on_group=progress)
+    out = summary.to_json()
+    if as_json:
+        click.echo(json.dumps(out, default=str))
+    else:
+        click.echo(f"{out['completed']} group(s) matched, {out['failed']} failed, {out['skipped']} skipped")
+        for g in summary.groups:
+            if g.status == "FAILED":
+                click.echo(f"  FAILED {g.group_id}: {g.error}")
+    if summary.failed:
+        sys.exit(ExitCode.PARTIAL)
 
 
 # -- demo -------------------------------------------------------------------------------------

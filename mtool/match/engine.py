@@ -1,0 +1,372 @@
+"""`mtool match`: per group, one match cycle.
+
+For each selected group (all groups by default, `--shard i/N` takes those whose hash falls in
+its shard): take the group's advisory lock (a group another process holds is skipped), load and
+encode its nodes, then for each block of query nodes: candidates (exact or FAISS), exact
+rescoring with the compatibility kernel, deterministic top-K, written to Zarr staging arrays
+`neighbors[N,K]`, `scores[N,K]` chunked by block, with a done-marker per block. A killed run
+resumes from the done blocks (the unfinished cycle's id is reused). The group's top-K edges
+are then COPYed into a load table that replaces the group's partition in one transaction with
+the cycle's COMPLETED row: readers see the old cycle until then, only the new one after.
+A failing group is retried with backoff, then marked FAILED while the others go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mtool import faults
+from mtool.db import matches as pm
+from mtool.db.connection import Database, Session
+from mtool.errors import DependencyUnavailable, InvalidInput, MtoolError
+from mtool.kernels import compat
+from mtool.match import encode as enc
+from mtool.match import nodes as node_repo
+from mtool.match.search import EXACT_MAX, CandidateIndex
+
+log = logging.getLogger(__name__)
+PAIR_BUDGET = 2_000_000  # query x candidate pairs scored at once: bounds memory per block
+GROUP_ATTEMPTS = 3
+RETRY_BACKOFF_S = 1.0
+
+
+@dataclass(frozen=True)
+class MatchOptions:
+    profile: object
+    device: object
+    domain_ids: tuple = ()
+    group_ids: tuple = ()
+    shard: tuple = (0, 1)
+    cycle_id: str | None = None
+    output: str | None = None  # a .parquet path: write matches there instead of the database
+    oversample: int = 4
+    block_rows: int = 4096
+    staging_dir: str = "."
+    threads: int | None = None
+
+
+@dataclass
+class GroupResult:
+    group_id: str
+    status: str  # COMPLETED, FAILED, SKIPPED
+    cycle_id: str | None = None
+    nodes: int = 0
+    edges: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class MatchSummary:
+    groups: list = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return sum(g.status == "FAILED" for g in self.groups)
+
+    def to_json(self) -> dict:
+        return {"groups": [g.__dict__ for g in self.groups], "failed": self.failed,
+                "completed": sum(g.status == "COMPLETED" for g in self.groups),
+                "skipped": sum(g.status == "SKIPPED" for g in self.groups)}
+
+
+def in_shard(group_id: str, shard: tuple) -> bool:
+    index, count = shard
+    digest = hashlib.blake2b(uuid.UUID(group_id).bytes, digest_size=8).digest()
+    return int.from_bytes(digest, "big") % count == index
+
+
+def run(db: Database, opts: MatchOptions, on_group=None) -> MatchSummary:
+    from mtool.db import migrations
+
+    summary = MatchSummary()
+    session = Session(db)
+    try:
+        session.run(migrations.check, "check schema")
+        groups = session.run(lambda c: node_repo.list_groups(c, opts.domain_ids, opts.group_ids), "list groups")
+        if opts.group_ids and not groups:
+            raise InvalidInput(f"no nodes in group(s) {', '.join(opts.group_ids)}", hint="import them with "
+                               "`mtool nodes import`")
+        for gid, did, count in groups:
+            if not in_shard(gid, opts.shard):
+                continue
+            result = _run_group_with_retries(session, db, opts, gid, did)
+            summary.groups.append(result)
+            if on_group:
+                on_group(result)
+    finally:
+        session.close()
+    return summary
+
+
+def _run_group_with_retries(session, db, opts, gid, did) -> GroupResult:
+    lock_key = pm.group_lock_key(gid)
+    if not session.run(lambda c: c.execute("SELECT pg_try_advisory_lock(%s)", (lock_key,)).fetchone()[0], "lock"):
+        log.info("group %s is being processed by another process: skipped", gid, extra={"group_id": gid})
+        return GroupResult(gid, "SKIPPED", error="locked by another process")
+    try:
+        cycle_id = opts.cycle_id or _unfinished_cycle(session, gid) or str(uuid.uuid4())
+        error = None
+        for attempt in range(1, GROUP_ATTEMPTS + 1):
+            t0 = time.monotonic()
+            try:
+                session.run(lambda c: _cycle_started(c, gid, did, cycle_id), "start cycle")
+                nodes, edges = _run_group(session, db, opts, gid, cycle_id)
+                return GroupResult(gid, "COMPLETED", cycle_id, nodes, edges, time.monotonic() - t0)
+            except MtoolError as exc:
+                error = str(exc)
+                if not exc.retryable:
+                    break
+            except Exception as exc:  # noqa: BLE001 - one group's failure must not stop the others
+                error = f"{type(exc).__name__}: {exc}"
+            log.warning("group %s attempt %d failed: %s", gid, attempt, error, extra={"group_id": gid})
+            if attempt < GROUP_ATTEMPTS:
+                time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
+        session.run(lambda c: c.execute(
+            "UPDATE match_cycles SET status = 'FAILED', error = %s, finished_at = now() "
+            "WHERE group_id = %s AND cycle_id = %s", (error[:4000], gid, cycle_id)), "fail cycle")
+        return GroupResult(gid, "FAILED", cycle_id, error=error)
+    finally:
+        session.run(lambda c: c.execute("SELECT pg_advisory_unlock(%s)", (lock_key,)), "unlock")
+
+
+def _unfinished_cycle(session, gid) -> str | None:
+    row = session.run(lambda c: c.execute(
+        "SELECT cycle_id FROM match_cycles WHERE group_id = %s AND status IN ('PROCESSING', 'FAILED') "
+        "ORDER BY started_at DESC LIMIT 1", (gid,)).fetchone(), "find cycle")
+    return row[0] if row else None
+
+
+def _cycle_started(conn, gid, did, cycle_id) -> None:
+    conn.execute("INSERT INTO match_cycles (cycle_id, group_id, domain_id, status, attempts) "
+                 "VALUES (%s, %s, %s, 'PROCESSING', 1) ON CONFLICT (group_id, cycle_id) DO UPDATE "
+                 "SET status = 'PROCESSING', attempts = match_cycles.attempts + 1, error = NULL",
+                 (cycle_id, gid, did))
+
+
+def _run_group(session, db, opts, gid, cycle_id) -> tuple[int, int]:
+    profile = opts.profile
+    timings = {}
+    t = time.monotonic()
+    keys = [s.name for s in profile.keys] + ([profile.partition.key] if profile.partition else [])
+    group = session.run(lambda c: node_repo.load_group(c, gid, keys), "load nodes")
+    enc.check_against(profile, group)
+    features = enc.encode(profile, group)
+    n = len(group)
+    timings["load_s"] = round(time.monotonic() - t, 3)
+    t = time.monotonic()
+    staging = os.path.join(opts.staging_dir, cycle_id, gid)
+    neighbors, scores = stage_matches(opts, profile, group, features, staging)
+    timings["match_s"] = round(time.monotonic() - t, 3)
+    t = time.monotonic()
+    if opts.output:
+        edges = write_parquet(opts.output, group, cycle_id, neighbors, scores)
+        session.run(lambda c: _cycle_completed(c, gid, cycle_id, n, edges, timings, group), "complete cycle")
+    else:
+        edges = db.retry(lambda: commit_cycle(db, group, cycle_id, neighbors, scores, timings), "commit cycle")
+    timings["write_s"] = round(time.monotonic() - t, 3)
+    shutil.rmtree(staging, ignore_errors=True)
+    log.info("group %s: %d nodes, %d edges, cycle %s (%s)", gid, n, edges, cycle_id, timings,
+             extra={"group_id": gid, "cycle_id": cycle_id})
+    return n, edges
+
+
+# -- compute -------------------------------------------------------------------------------
+
+def _sides(profile, group) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(query node indices, pool node indices) pairs: one for symmetric, two for bipartite."""
+    n = len(group)
+    everyone = np.arange(n)
+    if not profile.bipartite:
+        return [(everyone, everyone)]
+    side = np.array(group.metadata[profile.partition.key], dtype=object)
+    left = np.flatnonzero(side == profile.partition.left)
+    right = np.flatnonzero(side == profile.partition.right)
+    return [(left, right), (right, left)]
+
+
+def stage_matches(opts, profile, group, features, staging: str):
+    """Top-K of every node into Zarr arrays under `staging`, block by block, resumable."""
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    xp = opts.device.xp
+    n, k = len(group), profile.k
+    os.makedirs(os.path.join(staging, "done"), exist_ok=True)
+    block = opts.block_rows
+    def array(name, dtype, fill):
+        path = os.path.join(staging, name)
+        if os.path.exists(os.path.join(path, "zarr.json")):  # resuming: keep the done chunks
+            return zarr.open_array(path, mode="r+")
+        # blosc lz4 + shuffle: smallest and fastest for int32/float32 edge arrays (TESTING.md).
+        return zarr.create_array(path, shape=(n, k), chunks=(block, k), dtype=dtype, fill_value=fill,
+                                 compressors=[BloscCodec(cname="lz4", shuffle="shuffle")])
+
+    neighbors = array("neighbors.zarr", "int32", -1)
+    scores = array("scores.zarr", "float32", float("-inf"))
+    dev_features = _to_device(features, xp)
+    rank = xp.arange(n, dtype=xp.int64)  # nodes are sorted by reference_id: index == rank
+    vecs = None
+    # Block b holds query rows [b*block, (b+1)*block) of the sorted node order, across sides.
+    order = np.full(n, -1, np.int64)
+    plans = []
+    for queries, pool in _sides(profile, group):
+        if len(queries) == 0 or len(pool) == 0:
+            continue
+        index = None
+        if len(pool) > EXACT_MAX:
+            if vecs is None:
+                vecs = enc.vectors(profile, features, n)
+            index = CandidateIndex(vecs[pool], opts.device, opts.threads)
+        plans.append((queries, pool, index))
+        order[queries] = len(plans) - 1
+    for b, start in enumerate(range(0, n, block)):
+        marker = os.path.join(staging, "done", f"{b}")
+        if os.path.exists(marker):
+            continue
+        rows = np.arange(start, min(n, start + block))
+        out_nb = np.full((len(rows), k), -1, np.int32)
+        out_sc = np.full((len(rows), k), -np.inf, np.float32)
+        for p, (queries, pool, index) in enumerate(plans):
+            mine = rows[order[rows] == p]
+            if len(mine) == 0:
+                continue
+            nb, sc = _top_k_for(mine, pool, index, vecs, dev_features, rank, k, opts, xp, not profile.bipartite)
+            out_nb[mine - start], out_sc[mine - start] = nb, sc
+        neighbors[start:start + len(rows)] = out_nb
+        scores[start:start + len(rows)] = out_sc
+        with open(marker, "w"):
+            pass
+        faults.crash_point("match-block-done")
+    return neighbors[:], scores[:]
+
+
+def _top_k_for(queries, pool, index, vecs, features, rank, k, opts, xp, symmetric):
+    from mtool.device import to_host
+
+    if index is None:
+        step = max(1, PAIR_BUDGET // max(1, len(pool)))
+        nbs, scs = [], []
+        for s in range(0, len(queries), step):
+            q = xp.asarray(queries[s:s + step])
+            c = xp.broadcast_to(xp.asarray(pool)[None, :], (len(q), len(pool)))
+            nb, sc = _rescore(q, c, features, rank, k, xp, symmetric)
+            nbs.append(to_host(nb))
+            scs.append(to_host(sc))
+        return np.concatenate(nbs), np.concatenate(scs)
+    count = min(len(pool), k * opts.oversample + (1 if symmetric else 0))
+    found = index.search(vecs[queries], count)
+    cand = np.where(found >= 0, pool[np.maximum(found, 0)], -1)
+    nb, sc = _rescore(xp.asarray(queries), xp.asarray(cand), features, rank, k, xp, symmetric)
+    return to_host(nb), to_host(sc)
+
+
+def _rescore(q, c, features, rank, k, xp, symmetric):
+    missing = c < 0
+    c = xp.where(missing, 0, c)
+    scores = compat.pair_scores(features, q, c)
+    excluded = missing | (c == q[:, None]) if symmetric else missing
+    scores = xp.where(excluded, xp.float32(compat.EXCLUDED), scores)
+    return compat.top_k(scores, c, rank, k)
+
+
+def _to_device(f, xp):
+    if xp is np:
+        return f
+    return compat.Features(
+        [(xp.asarray(c), w, r) for c, w, r in f.categorical],
+        [(xp.asarray(v), s, w, r) for v, s, w, r in f.numeric],
+        [(xp.asarray(i), xp.asarray(h), w, r) for i, h, w, r in f.multi],
+        None if f.embedding is None else (xp.asarray(f.embedding[0]), xp.asarray(f.embedding[1]), f.embedding[2]))
+
+
+# -- output --------------------------------------------------------------------------------
+
+def edge_table(group, cycle_id, neighbors, scores):
+    """The top-K edges as an Arrow table in the import contract."""
+    import pyarrow as pa
+
+    src, pos = np.nonzero(neighbors >= 0)
+    refs = pa.array(group.reference_ids, pa.string())
+    return pa.table({
+        "group_id": pa.array([group.group_id] * len(src), pa.string()),
+        "domain_id": pa.array([group.domain_id] * len(src), pa.string()),
+        "processing_cycle_id": pa.array([cycle_id] * len(src), pa.string()),
+        "reference_id": refs.take(pa.array(src)),
+        "matched_reference_id": refs.take(pa.array(neighbors[src, pos])),
+        "compatibility_score": pa.array(scores[src, pos], pa.float32()),
+    })
+
+
+def write_parquet(path: str, group, cycle_id, neighbors, scores) -> int:
+    """Append this group's edges to <path> as <path>/<group>.parquet (a directory of shards that
+    `mtool ingest <path>` imports), written to a temporary name and renamed."""
+    import pyarrow.parquet as pq
+
+    table = edge_table(group, cycle_id, neighbors, scores)
+    target = path[:-len(".parquet")] if path.endswith(".parquet") else path
+    os.makedirs(target, exist_ok=True)
+    final = os.path.join(target, f"{group.group_id}.parquet")
+    pq.write_table(table, final + ".tmp")
+    os.replace(final + ".tmp", final)
+    return table.num_rows
+
+
+def commit_cycle(db: Database, group, cycle_id, neighbors, scores, timings) -> int:
+    """The group's edges replace its partition, with the cycle's row, in one transaction."""
+    from mtool import contract
+    from mtool import copy as pgcopy
+
+    table = edge_table(group, cycle_id, neighbors, scores)
+    load = "m_" + hashlib.blake2b(f"{cycle_id}:{group.group_id}".encode(), digest_size=12).hexdigest()
+    import pyarrow as pa
+
+    m = table.num_rows
+    now_us = int(time.time() * 1_000_000)
+    fields = [
+        pgcopy.fixed(np.arange(m, dtype=np.int64), ">i8"),
+        pgcopy.uuid_bytes(np.broadcast_to(contract._uuid_matrix([group.group_id]), (m, 16))),
+        pgcopy.uuid_bytes(np.broadcast_to(contract._uuid_matrix([group.domain_id]), (m, 16))),
+        pgcopy.text(pa.repeat(pa.scalar(cycle_id, pa.string()), m)),
+        pgcopy.text(table.column("reference_id")),
+        pgcopy.text(table.column("matched_reference_id")),
+        pgcopy.fixed(table.column("compatibility_score").to_numpy(), ">f4"),
+        pgcopy.fixed(np.full(m, now_us - pgcopy.PG_EPOCH_OFFSET_US), ">i8"),
+    ]
+    payload = pgcopy.encode_rows(fields, m)
+    with db.connect(autocommit=True) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {pm.STAGE_SCHEMA}.{load}")
+        pm.create_load_table(conn, load)
+        with conn.cursor() as cur:
+            pgcopy.copy_bytes(cur, f"{pm.STAGE_SCHEMA}.{load}", contract.LOAD_COLUMNS, payload)
+        pm.prepare_for_swap(conn, group.group_id, load, include_existing=False)
+        faults.crash_point("match-before-swap")
+        with conn.transaction():
+            pm.swap_in(conn, group.group_id, load)
+            _cycle_completed(conn, group.group_id, cycle_id, len(group), m, timings, group)
+    return m
+
+
+def _cycle_completed(conn, gid, cycle_id, nodes, edges, timings, group) -> None:
+    import json
+
+    with conn.transaction():
+        _record_cycle(conn, gid, cycle_id, nodes, edges, json.dumps(timings), group)
+
+
+def _record_cycle(conn, gid, cycle_id, nodes, edges, timings_json, group) -> None:
+    conn.execute("UPDATE match_cycles SET status = 'COMPLETED', node_count = %s, edge_count = %s, timings = %s, "
+                 "error = NULL, finished_at = now() WHERE group_id = %s AND cycle_id = %s",
+                 (nodes, edges, timings_json, gid, cycle_id))
+    with conn.cursor() as cur:
+        with cur.copy("COPY node_participation (group_id, reference_id, cycle_id) FROM STDIN") as cp:
+            for ref in group.reference_ids:
+                cp.write_row((gid, ref, cycle_id))

@@ -1,0 +1,229 @@
+"""Nodes: importing them from Parquet into `nodes`, and loading one group for matching.
+
+Input contract (DESIGN.md section 3): reference_id, group_id, domain_id (each may come from the
+command line), optional type and embedding (list of floats, one length per group), and metadata
+as one `metadata` column (map<string,string> or a JSON object string) or, without one, every
+other column. Values are strings. Rows are upserted on (group_id, reference_id), one
+transaction per batch: re-running an import is safe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from mtool import sources
+from mtool.errors import InvalidInput, UsageError
+
+log = logging.getLogger(__name__)
+NODE_COLUMNS = ("reference_id", "group_id", "domain_id", "type", "embedding", "metadata")
+BATCH_ROWS = 50_000
+MAX_ID_CHARS = 255
+
+
+@dataclass
+class NodesResult:
+    files: int
+    rows: int
+    imported: int
+    rejected: int
+    rejects_file: str | None
+
+    def to_json(self) -> dict:
+        return self.__dict__.copy()
+
+
+def _check_uuid(value, what):
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise UsageError(f"{what} {value!r} is not a UUID") from None
+
+
+def import_nodes(db, uris, group_id=None, domain_id=None, mapping=(), max_rejects=1000,
+                 rejects_file=None) -> NodesResult:
+    import pyarrow as pa
+
+    from mtool.db import migrations
+
+    group_id = _check_uuid(group_id, "--group-id") if group_id else None
+    domain_id = _check_uuid(domain_id, "--domain-id") if domain_id else None
+    srcs = sources.resolve(uris)
+    renamed = dict(mapping)
+    plans = []
+    for src in srcs:  # every file's schema before any write
+        pf = sources.open_parquet(src)
+        names = [renamed.get(n, n) for n in pf.schema_arrow.names]
+        pf.close(force=True)
+        if "reference_id" not in names:
+            raise InvalidInput(f"{src.uri}: required column 'reference_id' is missing",
+                               hint="--map SRC=reference_id renames a column")
+        for name, flag, have in (("group_id", "--group-id", group_id), ("domain_id", "--domain-id", domain_id)):
+            if name not in names and not have:
+                raise UsageError(f"{src.uri} has no {name} column and no {flag} was given", hint=f"pass {flag} UUID")
+        if "embedding" in names:
+            t = pf.schema_arrow.field(pf.schema_arrow.names[names.index("embedding")]).type
+            if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) or \
+                    not pa.types.is_floating(t.value_type):
+                raise InvalidInput(f"{src.uri}: column 'embedding' has type {t}, expected a list of floats")
+        plans.append(src)
+    rows = imported = 0
+    rejects: list = []
+    with db.connect() as conn:
+        migrations.check(conn)
+        for src in plans:
+            pf = sources.open_parquet(src)
+            try:
+                for batch in pf.iter_batches(batch_size=BATCH_ROWS):
+                    batch = batch.rename_columns([renamed.get(n, n) for n in batch.schema.names])
+                    good, bad = _node_rows(batch, src.uri, rows, group_id, domain_id)
+                    rejects += bad
+                    if len(rejects) > max_rejects:
+                        conn.rollback()
+                        raise InvalidInput(f"more than --max-rejects {max_rejects} node rows were rejected "
+                                           f"(first: row {rejects[0]['row']}: {rejects[0]['reason']})")
+                    db.retry(lambda: _upsert(conn, good), "import nodes")
+                    rows += batch.num_rows
+                    imported += len(good)
+            finally:
+                pf.close(force=True)
+    path = None
+    if rejects:
+        import os
+
+        from mtool.config import state_dir
+
+        path = rejects_file or os.path.join(state_dir(), "rejects", f"nodes-{uuid.uuid4()}.jsonl")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as out:
+            for r in rejects:
+                out.write(json.dumps(r) + "\n")
+    return NodesResult(len(plans), rows, imported, len(rejects), path)
+
+
+def _node_rows(batch, uri, first_row, group_id, domain_id):
+    from psycopg.types.json import Jsonb
+
+    names = batch.schema.names
+    meta_cols = [n for n in names if n not in NODE_COLUMNS]
+    data = batch.to_pylist()
+    good, bad = [], []
+    dims: dict = {}
+    for i, rec in enumerate(data):
+        try:
+            ref = rec.get("reference_id")
+            if ref is None or ref == "":
+                raise ValueError("reference_id is null or empty")
+            if len(ref) > MAX_ID_CHARS or "\x00" in ref:
+                raise ValueError(f"reference_id is longer than {MAX_ID_CHARS} characters or has a NUL")
+            gid = uuid.UUID(str(rec.get("group_id") or group_id))
+            did = uuid.UUID(str(rec.get("domain_id") or domain_id))
+            if "metadata" in names:
+                meta = rec["metadata"]
+                if isinstance(meta, str):
+                    meta = json.loads(meta)
+                    if not isinstance(meta, dict):
+                        raise ValueError("metadata is not a JSON object")
+                elif isinstance(meta, list):  # a map column arrives as (key, value) pairs
+                    meta = dict(meta)
+                meta = {str(k): None if v is None else str(v) for k, v in (meta or {}).items()}
+            else:
+                meta = {k: str(rec[k]) for k in meta_cols if rec.get(k) is not None}
+            emb = rec.get("embedding")
+            if emb is not None:
+                if any(v is None or not math.isfinite(v) for v in emb):
+                    raise ValueError("embedding has a null, NaN or infinite value")
+                if dims.setdefault(gid, len(emb)) != len(emb):
+                    raise ValueError(f"embedding has {len(emb)} values, this group's have {dims[gid]}")
+            good.append((did, gid, ref, rec.get("type"), Jsonb(meta), emb))
+        except (ValueError, TypeError, AttributeError) as exc:
+            reason = "group_id or domain_id is not a valid UUID" if "badly formed" in str(exc) else str(exc)
+            bad.append({"file": uri, "row": first_row + i, "reason": reason,
+                        "record": {k: None if v is None else str(v) for k, v in rec.items()}})
+    return good, bad
+
+
+def _upsert(conn, rows) -> None:
+    with conn.transaction():
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS nodes_staging (LIKE nodes INCLUDING DEFAULTS) "
+                     "ON COMMIT DELETE ROWS")
+        with conn.cursor() as cur:
+            with cur.copy("COPY nodes_staging (domain_id, group_id, reference_id, type, metadata, embedding) "
+                          "FROM STDIN (FORMAT binary)") as cp:
+                cp.set_types(["uuid", "uuid", "varchar", "text", "jsonb", "float4[]"])
+                for row in rows:
+                    cp.write_row(row)
+            cur.execute("INSERT INTO nodes (domain_id, group_id, reference_id, type, metadata, embedding) "
+                        "SELECT DISTINCT ON (group_id, reference_id) domain_id, group_id, reference_id, type, "
+                        "metadata, embedding FROM nodes_staging "
+                        "ON CONFLICT (group_id, reference_id) DO UPDATE SET domain_id = EXCLUDED.domain_id, "
+                        "type = EXCLUDED.type, metadata = EXCLUDED.metadata, embedding = EXCLUDED.embedding, "
+                        "updated_at = now()")
+
+
+# -- loading a group ------------------------------------------------------------------------
+
+@dataclass
+class GroupNodes:
+    """One group's nodes, sorted by reference_id in byte order (so index == tie-break rank)."""
+
+    group_id: str
+    domain_id: str
+    reference_ids: list
+    metadata: dict  # key -> list of str | None, for the profile's keys (and the partition key)
+    embedding: np.ndarray | None  # (N, D) float32, NaN rows where a node has none
+
+    def __len__(self) -> int:
+        return len(self.reference_ids)
+
+
+def list_groups(conn, domain_ids=(), group_ids=()) -> list[tuple[str, str, int]]:
+    """(group_id, domain_id, node count) of the selected groups (all when none selected)."""
+    where, params = [], []
+    if domain_ids:
+        where.append("domain_id = ANY(%s::uuid[])")
+        params.append(list(domain_ids))
+    if group_ids:
+        where.append("group_id = ANY(%s::uuid[])")
+        params.append(list(group_ids))
+    sql = "SELECT group_id, min(domain_id::text), count(*) FROM nodes"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    rows = conn.execute(sql + " GROUP BY group_id ORDER BY group_id", params).fetchall()
+    return [(str(g), str(d), n) for g, d, n in rows]
+
+
+def load_group(conn, group_id: str, keys) -> GroupNodes:
+    keys = list(dict.fromkeys(keys))
+    cols = ", ".join(["reference_id", "domain_id::text"] + [f"metadata->>%s" for _ in keys] +
+                     ["array_to_string(embedding, ',')"])
+    refs, domains, emb_text = [], [], []
+    values = {k: [] for k in keys}
+    with conn.transaction(), conn.cursor(name="load_group") as cur:
+        cur.itersize = 20_000
+        cur.execute(f"SELECT {cols} FROM nodes WHERE group_id = %s ORDER BY reference_id", [*keys, group_id])
+        for row in cur:
+            refs.append(row[0])
+            domains.append(row[1])
+            for k, v in zip(keys, row[2:-1]):
+                values[k].append(v)
+            emb_text.append(row[-1])
+    embedding = _parse_embeddings(emb_text)
+    return GroupNodes(group_id, domains[0] if domains else "", refs, values, embedding)
+
+
+def _parse_embeddings(texts) -> np.ndarray | None:
+    present = [t for t in texts if t]
+    if not present:
+        return None
+    dim = present[0].count(",") + 1
+    out = np.full((len(texts), dim), np.nan, np.float32)
+    idx = [i for i, t in enumerate(texts) if t]
+    flat = np.array(",".join(present).split(","), dtype=np.float32)
+    out[idx] = flat.reshape(len(present), dim)
+    return out
