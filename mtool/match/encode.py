@@ -109,7 +109,7 @@ def vectors(profile, features: Features, n: int) -> np.ndarray:
     for items, has, weight, _ in features.multi:
         block = np.zeros((n, HASH_DIMS), np.float32)
         rows, cols = np.nonzero(items >= 0)
-        np.add.at(block, (rows, (items[rows, cols] * 2_654_435_761 % 2**32) % HASH_DIMS), 1.0)
+        np.add.at(block, (rows, (items[rows, cols].astype(np.int64) * 2_654_435_761 % 2**32) % HASH_DIMS), 1.0)
         norms = np.linalg.norm(block, axis=1, keepdims=True)
         blocks.append(block / np.where(norms > 0, norms, 1) * np.sqrt(weight))
     if features.embedding is not None:
