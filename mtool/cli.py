@@ -445,10 +445,12 @@ def nodes_import(obj, uris, group_id, domain_id, mapping, max_rejects, rejects_f
      help="postgres, or PATH.parquet: write matches as Parquet shards (import contract) instead.")
 @opt("--block-rows", type=int, default=4096, show_default=True,
      help="Query nodes per staging chunk: the unit of resume and of memory.")
+@opt("--metrics-textfile", type=click.Path(dir_okay=False), help="Write Prometheus metrics here at the end.")
+@opt("--pushgateway", help="Push Prometheus metrics to this Pushgateway URL at the end.")
 @opt("--json", "as_json", is_flag=True)
 @click.pass_obj
 def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, cycle_id, output, block_rows,
-          as_json):
+          metrics_textfile, pushgateway, as_json):
     """Compute each selected group's top-K potential matches and write them as a new cycle.
 
     Readers of potential_matches see a group's previous cycle until its new one is complete.
@@ -466,18 +468,25 @@ def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, 
         raise UsageError(f"--shard {shard!r} is not I/N with 0 <= I < N") from None
     for value in domain_ids + group_ids:
         _uuid_arg(value)
+    from mtool.metrics import MatchMetrics
+
     profile_obj = prof.load(profile).with_overrides(k=k, mode=mode)
+    metrics = MatchMetrics() if (metrics_textfile or pushgateway) else None
     opts = engine.MatchOptions(profile_obj, dev.choose(device), tuple(domain_ids), tuple(group_ids), (index, count),
                                cycle_id, None if output == "postgres" else output,
                                block_rows=block_rows, staging_dir=os.path.join(state_dir(), "staging"),
-                               threads=workers)
+                               threads=workers, metrics=metrics)
 
     def progress(result):
         log.info("group %s: %s (%d nodes, %d edges, %.1f s)%s", result.group_id, result.status, result.nodes,
                  result.edges, result.seconds, f": {result.error}" if result.error else "",
                  extra={"group_id": result.group_id, "cycle_id": result.cycle_id})
 
-    summary = engine.run(obj.database(), opts, on_group=progress)
+    try:
+        summary = engine.run(obj.database(), opts, on_group=progress)
+    finally:
+        if metrics:
+            metrics.export(metrics_textfile, pushgateway)
     out = summary.to_json()
     if as_json:
         click.echo(json.dumps(out, default=str))

@@ -50,3 +50,26 @@ class IngestMetrics:
             write_to_textfile(textfile, self.registry)
         if pushgateway:
             push_to_gateway(pushgateway, job=job, registry=self.registry)
+
+
+class MatchMetrics:
+    """Metrics of the matching engine (seed LLD names)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        # Candidate-index (graph) build time per group.
+        self.graph_build = Histogram("graph_build_duration", "Candidate index build time", ["groupId"],
+                                     registry=self.registry, buckets=STORAGE_BUCKETS)
+        # Time per block of query nodes (search + rescoring + top-K + staging).
+        self.batch = Histogram("batch_matches_duration", "Time per block of matched nodes", ["groupId"],
+                               registry=self.registry, buckets=STORAGE_BUCKETS)
+        # Top-K edges written.
+        self.generated = Counter("matches_generated", "Matches generated", ["groupId"], registry=self.registry)
+        # Group cycles by final status.
+        self.cycles = Counter("match_cycles", "Group match cycles", ["status"], registry=self.registry)
+
+    def export(self, textfile: str | None = None, pushgateway: str | None = None, job: str = "mtool_match") -> None:
+        if textfile:
+            write_to_textfile(textfile, self.registry)
+        if pushgateway:
+            push_to_gateway(pushgateway, job=job, registry=self.registry)

@@ -51,6 +51,7 @@ class MatchOptions:
     block_rows: int = 4096
     staging_dir: str = "."
     threads: int | None = None
+    metrics: object = None  # mtool.metrics.MatchMetrics
 
 
 @dataclass
@@ -100,6 +101,9 @@ def run(db: Database, opts: MatchOptions, on_group=None) -> MatchSummary:
                 continue
             result = _run_group_with_retries(session, db, opts, gid, did)
             summary.groups.append(result)
+            if opts.metrics:
+                opts.metrics.cycles.labels(result.status).inc()
+                opts.metrics.generated.labels(gid).inc(result.edges)
             if on_group:
                 on_group(result)
     finally:
@@ -213,9 +217,12 @@ def stage_matches(opts, profile, group, features, staging: str):
             continue
         join = clusters = None
         if len(pool) > EXACT_MAX:
+            t_build = time.monotonic()
             if vecs is None:
                 vecs = enc.vectors(profile, features, n)
             join = CandidateIndex(vecs[pool], opts.device, opts.threads)
+            if opts.metrics:
+                opts.metrics.graph_build.labels(group.group_id).observe(time.monotonic() - t_build)
             clusters = join.assign(vecs[queries])
             by_cluster = np.argsort(clusters, kind="stable")
             queries, clusters = queries[by_cluster], clusters[by_cluster]
@@ -247,6 +254,7 @@ def stage_matches(opts, profile, group, features, staging: str):
         marker = os.path.join(staging, "done", f"{b}")
         if os.path.exists(marker):
             continue
+        t_block = time.monotonic()
         pos = np.arange(start, min(len(order), start + block))
         out_nb = np.full((len(pos), k), -1, np.int32)
         out_sc = np.full((len(pos), k), -np.inf, np.float32)
@@ -261,6 +269,8 @@ def stage_matches(opts, profile, group, features, staging: str):
         staged_sc[start:start + len(pos)] = out_sc
         with open(marker, "w"):
             pass
+        if opts.metrics:
+            opts.metrics.batch.labels(group.group_id).observe(time.monotonic() - t_block)
         faults.crash_point("match-block-done")
     neighbors = np.full((n, k), -1, np.int32)
     scores = np.full((n, k), -np.inf, np.float32)
@@ -293,7 +303,12 @@ def _top_k_for(queries, clusters, pool, join, vecs, features, rank, k, opts, xp,
 def _rescore(q, c, features, rank, k, xp, symmetric):
     missing = c < 0
     c = xp.where(missing, 0, c)
-    scores = compat.pair_scores(features, q, c)
+    if xp is not np and not features.multi:  # GPU: the fused CUDA kernel, same formula and rounding
+        from mtool.kernels.cuda import pair_scores_gpu
+
+        scores = pair_scores_gpu(features, q, c)
+    else:
+        scores = compat.pair_scores(features, q, c)
     excluded = missing | (c == q[:, None]) if symmetric else missing
     scores = xp.where(excluded, xp.float32(compat.EXCLUDED), scores)
     return compat.top_k(scores, c, rank, k)

@@ -59,3 +59,13 @@ def test_dsn_password_never_printed(files):
                      dsn="host=127.0.0.1 port=1 user=u password=s3cret-pw dbname=x connect_timeout=1")
     assert proc.returncode == 75, proc.stderr
     assert "s3cret-pw" not in proc.stderr + proc.stdout and "127.0.0.1:1" in proc.stderr
+
+
+@pytest.mark.postgres
+def test_demo_runs_the_whole_pipeline(dsn):
+    proc = run_mtool(["demo", "--rows", "20000", "--json"], dsn, check_rc=0)
+    out = json.loads(proc.stdout)
+    assert out["match"]["status"] == "COMPLETED" and out["match"]["edges"] == 3000 * 10
+    assert out["import"]["status"] == "COMPLETED" and out["imported_rows"] == 20000
+    users = {t["user"] for t in out["top_matches"]}
+    assert len(users) == 3 and all(t["user"] != t["match"] for t in out["top_matches"])
