@@ -486,7 +486,7 @@ def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, 
         summary = engine.run(obj.database(), opts, on_group=progress)
     finally:
         if metrics:
-            metrics.export(metrics_textfile, pushgateway)
+            metrics.export(metrics_textfile, pushgateway, job="mtool_match")
     out = summary.to_json()
     if as_json:
         click.echo(json.dumps(out, default=str))

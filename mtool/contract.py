@@ -248,7 +248,7 @@ def prepare_chunk(batch, plan: ColumnPlan, file_index: int, first_row: int,
     if len(good):
         order = good[np.argsort(g_idx[good], kind="stable")]
         cuts = np.flatnonzero(np.diff(g_idx[order])) + 1
-        domain_bytes = _uuid_matrix(d_canon)
+        domain_bytes = uuid_matrix(d_canon)
         if cycle is not None:
             cycle = pc.fill_null(cycle, defaults.processing_cycle_id)
         matched_us = None
@@ -263,7 +263,7 @@ def prepare_chunk(batch, plan: ColumnPlan, file_index: int, first_row: int,
             at_us = matched_us[sel] if matched_us is not None else np.full(m, defaults.matched_at_us, np.int64)
             fields = [
                 pgcopy.fixed(seq, ">i8"),
-                pgcopy.uuid_bytes(np.broadcast_to(_uuid_matrix([group_id]), (m, 16))),
+                pgcopy.uuid_bytes(np.broadcast_to(uuid_matrix([group_id]), (m, 16))),
                 pgcopy.uuid_bytes(domain_bytes[d_idx[sel]]),
                 pgcopy.text(cycle.take(take) if cycle is not None else pa.repeat(pa.scalar(defaults.processing_cycle_id, pa.large_string()), m)),
                 pgcopy.text(ref.take(take)),
@@ -275,7 +275,7 @@ def prepare_chunk(batch, plan: ColumnPlan, file_index: int, first_row: int,
     return PreparedChunk(n, groups, rejects)
 
 
-def _uuid_matrix(values) -> np.ndarray:
+def uuid_matrix(values) -> np.ndarray:
     """(len(values), 16) uint8 of UUID strings (None -> zeros)."""
     raw = np.array([uuid.UUID(v).bytes if v else bytes(16) for v in values], dtype="S16")
     return raw.view(np.uint8).reshape(len(values), 16)

@@ -11,7 +11,19 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, push_to_gat
 STORAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
-class IngestMetrics:
+class _BatchMetrics:
+    """A private registry that a batch run exports once, at its end."""
+
+    registry: CollectorRegistry
+
+    def export(self, textfile: str | None = None, pushgateway: str | None = None, job: str = "mtool") -> None:
+        if textfile:
+            write_to_textfile(textfile, self.registry)
+        if pushgateway:
+            push_to_gateway(pushgateway, job=job, registry=self.registry)
+
+
+class IngestMetrics(_BatchMetrics):
     """Storage and job metrics of the import module (seed HLD section 12)."""
 
     def __init__(self, group_label: str = ""):
@@ -45,14 +57,8 @@ class IngestMetrics:
         if error_type:
             self.errors.labels(self.group, error_type).inc()
 
-    def export(self, textfile: str | None = None, pushgateway: str | None = None, job: str = "mtool") -> None:
-        if textfile:
-            write_to_textfile(textfile, self.registry)
-        if pushgateway:
-            push_to_gateway(pushgateway, job=job, registry=self.registry)
 
-
-class MatchMetrics:
+class MatchMetrics(_BatchMetrics):
     """Metrics of the matching engine (seed LLD names)."""
 
     def __init__(self):
@@ -67,9 +73,3 @@ class MatchMetrics:
         self.generated = Counter("matches_generated", "Matches generated", ["groupId"], registry=self.registry)
         # Group cycles by final status.
         self.cycles = Counter("match_cycles", "Group match cycles", ["status"], registry=self.registry)
-
-    def export(self, textfile: str | None = None, pushgateway: str | None = None, job: str = "mtool_match") -> None:
-        if textfile:
-            write_to_textfile(textfile, self.registry)
-        if pushgateway:
-            push_to_gateway(pushgateway, job=job, registry=self.registry)

@@ -26,7 +26,7 @@ import numpy as np
 from mtool import faults
 from mtool.db import matches as pm
 from mtool.db.connection import Database, Session
-from mtool.errors import DependencyUnavailable, InvalidInput, MtoolError
+from mtool.errors import InvalidInput, MtoolError
 from mtool.kernels import compat
 from mtool.match import encode as enc
 from mtool.match import nodes as node_repo
@@ -369,8 +369,8 @@ def commit_cycle(db: Database, group, cycle_id, neighbors, scores, timings) -> i
     now_us = int(time.time() * 1_000_000)
     fields = [
         pgcopy.fixed(np.arange(m, dtype=np.int64), ">i8"),
-        pgcopy.uuid_bytes(np.broadcast_to(contract._uuid_matrix([group.group_id]), (m, 16))),
-        pgcopy.uuid_bytes(np.broadcast_to(contract._uuid_matrix([group.domain_id]), (m, 16))),
+        pgcopy.uuid_bytes(np.broadcast_to(contract.uuid_matrix([group.group_id]), (m, 16))),
+        pgcopy.uuid_bytes(np.broadcast_to(contract.uuid_matrix([group.domain_id]), (m, 16))),
         pgcopy.text(pa.repeat(pa.scalar(cycle_id, pa.string()), m)),
         pgcopy.text(table.column("reference_id")),
         pgcopy.text(table.column("matched_reference_id")),

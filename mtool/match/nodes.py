@@ -200,7 +200,7 @@ def list_groups(conn, domain_ids=(), group_ids=()) -> list[tuple[str, str, int]]
 
 def load_group(conn, group_id: str, keys) -> GroupNodes:
     keys = list(dict.fromkeys(keys))
-    cols = ", ".join(["reference_id", "domain_id::text"] + [f"metadata->>%s" for _ in keys] +
+    cols = ", ".join(["reference_id", "domain_id::text"] + ["metadata->>%s" for _ in keys] +
                      ["array_to_string(embedding, ',')"])
     refs, domains, emb_text = [], [], []
     values = {k: [] for k in keys}

@@ -8,7 +8,7 @@ key named, exit 78 / 65.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mtool.errors import ConfigError
 
