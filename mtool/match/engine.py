@@ -96,6 +96,9 @@ def run(db: Database, opts: MatchOptions, on_group=None) -> MatchSummary:
         if opts.group_ids and not groups:
             raise InvalidInput(f"no nodes in group(s) {', '.join(opts.group_ids)}", hint="import them with "
                                "`mtool nodes import`")
+        mine = [g for g in groups if in_shard(g[0], opts.shard)]
+        if mine:
+            session.run(lambda c: check_profile_fits(c, opts.profile, [g for g, _, _ in mine]), "check profile")
         for gid, did, count in groups:
             if not in_shard(gid, opts.shard):
                 continue
@@ -109,6 +112,31 @@ def run(db: Database, opts: MatchOptions, on_group=None) -> MatchSummary:
     finally:
         session.close()
     return summary
+
+
+def check_profile_fits(conn, profile, group_ids) -> None:
+    """Refuse a profile that does not fit the selected groups' nodes, before any work: a key no
+    node carries, or a numeric key with a value that does not parse as a finite number."""
+    where = f"profile {profile.source}"
+    for spec in profile.keys:
+        has = conn.execute("SELECT EXISTS (SELECT 1 FROM nodes WHERE group_id = ANY(%s::uuid[]) AND metadata ? %s)",
+                           (group_ids, spec.name)).fetchone()[0]
+        if not has:
+            raise InvalidInput(f"{where}: no node of the selected groups has key {spec.name!r}",
+                               hint="fix the key's name in the profile, or import nodes that carry it")
+        if spec.type == "numeric":
+            bad = conn.execute(
+                "SELECT metadata->>%s FROM nodes WHERE group_id = ANY(%s::uuid[]) AND metadata ? %s AND NOT "
+                "(metadata->>%s ~ '^\\s*[-+]?([0-9]+\\.?[0-9]*|\\.[0-9]+)([eE][-+]?[0-9]+)?\\s*$') LIMIT 1",
+                (spec.name, group_ids, spec.name, spec.name)).fetchone()
+            if bad:
+                raise InvalidInput(f"{where}: numeric key {spec.name!r} has value {bad[0]!r}, which does not parse as "
+                                   "a number", hint="make the key categorical, or fix the node data")
+    if profile.bipartite:
+        key = profile.partition.key
+        if not conn.execute("SELECT EXISTS (SELECT 1 FROM nodes WHERE group_id = ANY(%s::uuid[]) AND metadata ? %s)",
+                            (group_ids, key)).fetchone()[0]:
+            raise InvalidInput(f"{where}: no node of the selected groups has the partition key {key!r}")
 
 
 def _run_group_with_retries(session, db, opts, gid, did) -> GroupResult:

@@ -142,14 +142,15 @@ def test_bad_profile_and_bad_nodes_are_refused_before_any_work(dsn, files):
     run_mtool(["nodes", "import", nodes_file(files, rows)], dsn, check_rc=0)
     unknown = dict(PROFILE, keys={**PROFILE["keys"], "height": {"type": "numeric", "scale": 5}})
     proc = run_mtool(["match", "--profile", profile_file(files, unknown, "u.yaml")], dsn)
-    assert proc.returncode == 3 and "no node has key 'height'" in proc.stdout
+    assert proc.returncode == 65 and "no node of the selected groups has key 'height'" in proc.stderr
     not_numeric = dict(PROFILE, keys={"city": {"type": "numeric", "scale": 5}})
     proc = run_mtool(["match", "--profile", profile_file(files, not_numeric, "n.yaml")], dsn)
-    assert "numeric key 'city' has value" in proc.stdout
+    assert proc.returncode == 65 and "numeric key 'city' has value" in proc.stderr
     proc = run_mtool(["match", "--profile", profile_file(files, {"k": 0, "keys": {}}, "k.yaml")], dsn)
     assert proc.returncode == 78 and "k must be a positive integer" in proc.stderr
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT count(*) FROM potential_matches").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM match_cycles").fetchone()[0] == 0  # refused before any group
     bad = files / "bad-nodes.parquet"
     write(bad, [{"reference_id": "a", "group_id": group(5), "domain_id": DOMAIN, "embedding": "not a list"}])
     proc = run_mtool(["nodes", "import", str(bad)], dsn)
