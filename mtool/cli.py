@@ -437,7 +437,8 @@ def nodes_import(obj, uris, group_id, domain_id, mapping, max_rejects, rejects_f
 @opt("--mode", type=click.Choice(["auto", "symmetric", "bipartite"]), default=None,
      help="auto: bipartite when the profile names a partition.")
 @opt("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
-@opt("--workers", type=int, default=None, help="FAISS threads (default: all CPUs).")
+@opt("--workers", type=int, default=1, show_default=True,
+     help="Groups matched at once, each in its own process (FAISS threads are split between them).")
 @opt("--shard", default="0/1", show_default=True, metavar="I/N",
      help="Process only the groups whose hash falls in shard I of N (a Kubernetes Indexed Job).")
 @opt("--cycle-id", help="Cycle id (default: resume the group's unfinished cycle, else a new one).")
@@ -475,7 +476,7 @@ def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, 
     opts = engine.MatchOptions(profile_obj, dev.choose(device), tuple(domain_ids), tuple(group_ids), (index, count),
                                cycle_id, None if output == "postgres" else output,
                                block_rows=block_rows, staging_dir=os.path.join(state_dir(), "staging"),
-                               threads=workers, metrics=metrics)
+                               workers=max(1, workers), metrics=metrics)
 
     def progress(result):
         log.info("group %s: %s (%d nodes, %d edges, %.1f s)%s", result.group_id, result.status, result.nodes,

@@ -50,8 +50,9 @@ class MatchOptions:
     oversample: int = 6  # candidates per kept match: recall@20 0.99 at 100k nodes (benchmarks/match.py)
     block_rows: int = 4096
     staging_dir: str = "."
-    threads: int | None = None
-    metrics: object = None  # mtool.metrics.MatchMetrics
+    threads: int | None = None  # FAISS threads per group process (default: CPUs / workers)
+    workers: int = 1  # groups processed at once, each in its own process (1: inline)
+    metrics: object = None  # mtool.metrics.MatchMetrics (kept in the parent)
 
 
 @dataclass
@@ -63,6 +64,8 @@ class GroupResult:
     edges: int = 0
     seconds: float = 0.0
     error: str | None = None
+    graph_build_s: float | None = None
+    block_seconds: list = field(default_factory=list)
 
 
 @dataclass
@@ -99,19 +102,44 @@ def run(db: Database, opts: MatchOptions, on_group=None) -> MatchSummary:
         mine = [g for g in groups if in_shard(g[0], opts.shard)]
         if mine:
             session.run(lambda c: check_profile_fits(c, opts.profile, [g for g, _, _ in mine]), "check profile")
-        for gid, did, count in groups:
-            if not in_shard(gid, opts.shard):
-                continue
-            result = _run_group_with_retries(session, db, opts, gid, did)
-            summary.groups.append(result)
-            if opts.metrics:
-                opts.metrics.cycles.labels(result.status).inc()
-                opts.metrics.generated.labels(gid).inc(result.edges)
-            if on_group:
-                on_group(result)
     finally:
         session.close()
+
+    def record(result: GroupResult) -> None:
+        summary.groups.append(result)
+        if opts.metrics:
+            opts.metrics.cycles.labels(result.status).inc()
+            opts.metrics.generated.labels(result.group_id).inc(result.edges)
+            if result.graph_build_s is not None:
+                opts.metrics.graph_build.labels(result.group_id).observe(result.graph_build_s)
+            for seconds in result.block_seconds:
+                opts.metrics.batch.labels(result.group_id).observe(seconds)
+        if on_group:
+            on_group(result)
+
+    if opts.workers <= 1 or len(mine) <= 1:
+        for gid, did, _ in mine:
+            record(match_group(db, opts, gid, did))
+        return summary
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from dataclasses import replace
+
+    per_process = replace(opts, metrics=None, threads=opts.threads or max(1, (os.cpu_count() or 1) // opts.workers))
+    with ProcessPoolExecutor(max_workers=opts.workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(match_group, db, per_process, gid, did) for gid, did, _ in mine]
+        for future in as_completed(futures):
+            record(future.result())
     return summary
+
+
+def match_group(db: Database, opts: MatchOptions, gid: str, did: str) -> GroupResult:
+    """One group's cycle (locked, retried); a process entry point, so it takes plain values."""
+    session = Session(db)
+    try:
+        return _run_group_with_retries(session, db, opts, gid, did)
+    finally:
+        session.close()
 
 
 def check_profile_fits(conn, profile, group_ids) -> None:
@@ -151,8 +179,10 @@ def _run_group_with_retries(session, db, opts, gid, did) -> GroupResult:
             t0 = time.monotonic()
             try:
                 session.run(lambda c: _cycle_started(c, gid, did, cycle_id), "start cycle")
-                nodes, edges = _run_group(session, db, opts, gid, cycle_id)
-                return GroupResult(gid, "COMPLETED", cycle_id, nodes, edges, time.monotonic() - t0)
+                stats: dict = {}
+                nodes, edges = _run_group(session, db, opts, gid, cycle_id, stats)
+                return GroupResult(gid, "COMPLETED", cycle_id, nodes, edges, time.monotonic() - t0,
+                                   graph_build_s=stats.get("graph_build_s"), block_seconds=stats.get("block_seconds", []))
             except MtoolError as exc:
                 error = str(exc)
                 if not exc.retryable:
@@ -184,7 +214,7 @@ def _cycle_started(conn, gid, did, cycle_id) -> None:
                  (cycle_id, gid, did))
 
 
-def _run_group(session, db, opts, gid, cycle_id) -> tuple[int, int]:
+def _run_group(session, db, opts, gid, cycle_id, stats: dict) -> tuple[int, int]:
     profile = opts.profile
     timings = {}
     t = time.monotonic()
@@ -196,7 +226,7 @@ def _run_group(session, db, opts, gid, cycle_id) -> tuple[int, int]:
     timings["load_s"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
     staging = os.path.join(opts.staging_dir, cycle_id, gid)
-    neighbors, scores = stage_matches(opts, profile, group, features, staging)
+    neighbors, scores = stage_matches(opts, profile, group, features, staging, stats)
     timings["match_s"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
     if opts.output:
@@ -225,7 +255,7 @@ def _sides(profile, group) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(left, right), (right, left)]
 
 
-def stage_matches(opts, profile, group, features, staging: str):
+def stage_matches(opts, profile, group, features, staging: str, stats: dict | None = None):
     """Top-K of every node into Zarr arrays under `staging`, block by block, resumable.
 
     Nodes are processed in a fixed order (by side, then by candidate cluster for large pools),
@@ -235,6 +265,7 @@ def stage_matches(opts, profile, group, features, staging: str):
     from zarr.codecs import BloscCodec
 
     xp = opts.device.xp
+    stats = {} if stats is None else stats
     n, k = len(group), profile.k
     os.makedirs(os.path.join(staging, "done"), exist_ok=True)
     block = opts.block_rows
@@ -249,8 +280,7 @@ def stage_matches(opts, profile, group, features, staging: str):
             if vecs is None:
                 vecs = enc.vectors(profile, features, n)
             join = CandidateIndex(vecs[pool], opts.device, opts.threads)
-            if opts.metrics:
-                opts.metrics.graph_build.labels(group.group_id).observe(time.monotonic() - t_build)
+            stats["graph_build_s"] = stats.get("graph_build_s", 0.0) + time.monotonic() - t_build
             clusters = join.assign(vecs[queries])
             by_cluster = np.argsort(clusters, kind="stable")
             queries, clusters = queries[by_cluster], clusters[by_cluster]
@@ -297,8 +327,7 @@ def stage_matches(opts, profile, group, features, staging: str):
         staged_sc[start:start + len(pos)] = out_sc
         with open(marker, "w"):
             pass
-        if opts.metrics:
-            opts.metrics.batch.labels(group.group_id).observe(time.monotonic() - t_block)
+        stats.setdefault("block_seconds", []).append(time.monotonic() - t_block)
         faults.crash_point("match-block-done")
     neighbors = np.full((n, k), -1, np.int32)
     scores = np.full((n, k), -np.inf, np.float32)

@@ -167,3 +167,22 @@ def test_output_parquet_is_importable(dsn, files):
     run_mtool(["ingest", str(files / "matches")], dsn, check_rc=0)
     got, _ = stored_matches(dsn, group(6))
     assert_same(got, brute_force(PROFILE, rows))
+
+
+def test_groups_in_parallel_processes_with_metrics(dsn, files):
+    rows, per_group = [], {}
+    for g in range(4):
+        per_group[g] = make_nodes(150, group(20 + g), DOMAIN, seed=20 + g)
+        rows += per_group[g]
+    run_mtool(["nodes", "import", nodes_file(files, rows)], dsn, check_rc=0)
+    prom = files / "match.prom"
+    proc = run_mtool(["match", "--profile", profile_file(files), "--workers", "2", "--json",
+                      "--metrics-textfile", str(prom)], dsn, check_rc=0)
+    assert json.loads(proc.stdout)["completed"] == 4
+    for g in range(4):
+        got, _ = stored_matches(dsn, group(20 + g))
+        assert_same(got, brute_force(PROFILE, per_group[g]))
+    text = prom.read_text()
+    assert 'match_cycles_total{status="COMPLETED"} 4.0' in text
+    assert f'matches_generated_total{{groupId="{group(20)}"}} 750.0' in text
+    assert "batch_matches_duration_count" in text
