@@ -68,13 +68,14 @@ def encode(profile, nodes) -> Features:
             sets = [None if v is None else sorted({s.strip() for s in v.split(spec.separator) if s.strip()})
                     for v in values]
             vocab: dict = {}
-            width = max([len(s) for s in sets if s] or [1])
-            items = np.full((n, width), -1, np.int32)
-            for i, s in enumerate(sets):
-                for j, item in enumerate(s or ()):
-                    items[i, j] = vocab.setdefault(item, len(vocab))
+            codes = [[vocab.setdefault(item, len(vocab)) for item in s or ()] for s in sets]
+            words = max(1, -(-len(vocab) // 64))
+            bits = np.zeros((n, words), np.uint64)
+            for i, cs in enumerate(codes):
+                for code in cs:
+                    bits[i, code // 64] |= np.uint64(1) << np.uint64(code % 64)
             has = np.array([s is not None for s in sets])
-            f.multi.append((items, has, spec.weight, spec.required))
+            f.multi.append((bits, has, spec.weight, spec.required))
     if profile.embedding_weight is not None and nodes.embedding is not None:
         emb = nodes.embedding
         has = ~np.isnan(emb).any(axis=1)
@@ -106,10 +107,11 @@ def vectors(profile, features: Features, n: int) -> np.ndarray:
         block = np.sqrt(2.0 / RFF_DIMS) * np.cos(np.nan_to_num(values)[:, None] / scale * omega + phase)
         block[np.isnan(values)] = 0
         blocks.append(block.astype(np.float32) * np.sqrt(weight))
-    for items, has, weight, _ in features.multi:
+    for bits, has, weight, _ in features.multi:
         block = np.zeros((n, HASH_DIMS), np.float32)
-        rows, cols = np.nonzero(items >= 0)
-        np.add.at(block, (rows, (items[rows, cols].astype(np.int64) * 2_654_435_761 % 2**32) % HASH_DIMS), 1.0)
+        flags = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")  # (n, words * 64): item codes
+        rows, codes = np.nonzero(flags)
+        np.add.at(block, (rows, (codes.astype(np.int64) * 2_654_435_761 % 2**32) % HASH_DIMS), 1.0)
         norms = np.linalg.norm(block, axis=1, keepdims=True)
         blocks.append(block / np.where(norms > 0, norms, 1) * np.sqrt(weight))
     if features.embedding is not None:
