@@ -172,6 +172,13 @@ def _run_group_with_retries(session, db, opts, gid, did) -> GroupResult:
     if not session.run(lambda c: c.execute("SELECT pg_try_advisory_lock(%s)", (lock_key,)).fetchone()[0], "lock"):
         log.info("group %s is being processed by another process: skipped", gid, extra={"group_id": gid})
         return GroupResult(gid, "SKIPPED", error="locked by another process")
+
+    def relock(conn):
+        # A reconnect (server restart) loses session locks: take it back, or give the group up.
+        if not conn.execute("SELECT pg_try_advisory_lock(%s)", (lock_key,)).fetchone()[0]:
+            raise MtoolError(f"group {gid}: lost its lock to another process after a reconnect")
+
+    session.on_connect = relock
     try:
         cycle_id = opts.cycle_id or _unfinished_cycle(session, gid) or str(uuid.uuid4())
         error = None
