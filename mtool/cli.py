@@ -278,7 +278,7 @@ class ProgressReporter:
     def __call__(self, done: int, total: int) -> None:
         if sys.stderr.isatty():
             if self.bar is None:
-                self.bar = click.progressbar(length=total, label=f"importing {self.unit}", file=sys.stderr,
+                self.bar = click.progressbar(length=total, label=self.unit, file=sys.stderr,
                                              show_pos=True, show_percent=True)
                 self.bar.__enter__()
             self.bar.update(done - self.shown)
@@ -478,16 +478,22 @@ def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, 
                                block_rows=block_rows, staging_dir=os.path.join(state_dir(), "staging"),
                                workers=max(1, workers), metrics=metrics)
 
-    def progress(result):
-        log.info("group %s: %s (%d nodes, %d edges, %.1f s)%s", result.group_id, result.status, result.nodes,
-                 result.edges, result.seconds, f": {result.error}" if result.error else "",
-                 extra={"group_id": result.group_id, "cycle_id": result.cycle_id})
+    planned = {"groups": 0, "done": 0}
 
-    try:
-        summary = engine.run(obj.database(), opts, on_group=progress)
-    finally:
-        if metrics:
-            metrics.export(metrics_textfile, pushgateway, job="mtool_match")
+    with ProgressReporter("groups") as bar:
+        def progress(result):
+            planned["done"] += 1
+            log.info("group %s: %s (%d nodes, %d edges, %.1f s)%s", result.group_id, result.status, result.nodes,
+                     result.edges, result.seconds, f": {result.error}" if result.error else "",
+                     extra={"group_id": result.group_id, "cycle_id": result.cycle_id})
+            bar(planned["done"], planned["groups"])
+
+        try:
+            summary = engine.run(obj.database(), opts, on_group=progress,
+                                 on_plan=lambda count: planned.update(groups=count))
+        finally:
+            if metrics:
+                metrics.export(metrics_textfile, pushgateway, job="mtool_match")
     out = summary.to_json()
     if as_json:
         click.echo(json.dumps(out, default=str))

@@ -88,7 +88,9 @@ def in_shard(group_id: str, shard: tuple) -> bool:
     return int.from_bytes(digest, "big") % count == index
 
 
-def run(db: Database, opts: MatchOptions, on_group=None) -> MatchSummary:
+def run(db: Database, opts: MatchOptions, on_group=None, on_plan=None) -> MatchSummary:
+    """Match every selected group; on_plan(count) once the groups are known, on_group(result)
+    after each."""
     from mtool.db import migrations
 
     summary = MatchSummary()
@@ -100,6 +102,8 @@ def run(db: Database, opts: MatchOptions, on_group=None) -> MatchSummary:
             raise InvalidInput(f"no nodes in group(s) {', '.join(opts.group_ids)}", hint="import them with "
                                "`mtool nodes import`")
         mine = [g for g in groups if in_shard(g[0], opts.shard)]
+        if on_plan:
+            on_plan(len(mine))
         if mine:
             session.run(lambda c: check_profile_fits(c, opts.profile, [g for g, _, _ in mine]), "check profile")
     finally:
