@@ -69,3 +69,9 @@ def test_demo_runs_the_whole_pipeline(dsn):
     assert out["import"]["status"] == "COMPLETED" and out["imported_rows"] == 20000
     users = {t["user"] for t in out["top_matches"]}
     assert len(users) == 3 and all(t["user"] != t["match"] for t in out["top_matches"])
+
+
+@pytest.mark.skipif(__import__("mtool.device", fromlist=["x"]).gpu_available(), reason="a GPU is present")
+def test_device_gpu_without_a_gpu_is_a_configuration_error():
+    proc = run_mtool(["match", "--device", "gpu"])
+    assert proc.returncode == 78 and "no usable CUDA GPU" in proc.stderr and "--device cpu" in proc.stderr
