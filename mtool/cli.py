@@ -380,12 +380,9 @@ def jobs_retry(obj, job_id, workers, as_json):
 
 
 def _uuid_arg(value: str) -> str:
-    import uuid
+    from mtool.config import uuid_value
 
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise UsageError(f"{value!r} is not a job id (a UUID)") from None
+    return uuid_value(value, "job or group id")
 
 
 # -- nodes and match ----------------------------------------------------------------------

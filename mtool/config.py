@@ -7,7 +7,6 @@ default_map for every command, so its keys apply wherever an option of that name
 
 from __future__ import annotations
 
-import os
 
 from mtool.errors import ConfigError
 
@@ -41,11 +40,19 @@ def default_map_for(command, flat: dict) -> dict:
     return out
 
 
+def uuid_value(value: str, what: str) -> str:
+    """The canonical form of a UUID given on the command line; a usage error naming `what`."""
+    import uuid
+
+    from mtool.errors import UsageError
+
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise UsageError(f"{what} {value!r} is not a UUID") from None
+
+
 def state_dir() -> str:
     from mtool.db.embedded import default_home
 
     return str(default_home())
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

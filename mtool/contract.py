@@ -261,18 +261,34 @@ def prepare_chunk(batch, plan: ColumnPlan, file_index: int, first_row: int,
             group_id = g_canon[g_idx[sel[0]]]
             seq = (np.int64(file_index) << ROWS_PER_FILE_BITS) + first_row + sel
             at_us = matched_us[sel] if matched_us is not None else np.full(m, defaults.matched_at_us, np.int64)
-            fields = [
-                pgcopy.fixed(seq, ">i8"),
-                pgcopy.uuid_bytes(np.broadcast_to(uuid_matrix([group_id]), (m, 16))),
-                pgcopy.uuid_bytes(domain_bytes[d_idx[sel]]),
-                pgcopy.text(cycle.take(take) if cycle is not None else pa.repeat(pa.scalar(defaults.processing_cycle_id, pa.large_string()), m)),
-                pgcopy.text(ref.take(take)),
-                pgcopy.text(mref.take(take)),
-                pgcopy.fixed(score[sel], ">f4"),
-                pgcopy.fixed(at_us - pgcopy.PG_EPOCH_OFFSET_US, ">i8"),
-            ]
-            groups.append(GroupPayload(group_id, m, pgcopy.encode_rows(fields, m)))
+            payload = encode_load_rows(seq, group_id, domain_bytes[d_idx[sel]],
+                                       cycle.take(take) if cycle is not None else defaults.processing_cycle_id,
+                                       ref.take(take), mref.take(take), score[sel], at_us)
+            groups.append(GroupPayload(group_id, m, payload))
     return PreparedChunk(n, groups, rejects)
+
+
+def encode_load_rows(seq, group_id: str, domain_bytes, cycle, reference_ids, matched_ids, scores,
+                     matched_at_us) -> bytes:
+    """Binary COPY of rows for a load table, in LOAD_COLUMNS order: the one place that knows
+    that layout. `cycle` is a string array or one string for every row; `domain_bytes` is
+    (m, 16) uint8 or one row for all; `matched_at_us` counts microseconds since 1970."""
+    import pyarrow as pa
+
+    m = len(seq)
+    if isinstance(cycle, str):
+        cycle = pa.repeat(pa.scalar(cycle, pa.large_string()), m)
+    fields = [
+        pgcopy.fixed(seq, ">i8"),
+        pgcopy.uuid_bytes(np.broadcast_to(uuid_matrix([group_id]), (m, 16))),
+        pgcopy.uuid_bytes(np.broadcast_to(domain_bytes, (m, 16))),
+        pgcopy.text(cycle),
+        pgcopy.text(reference_ids),
+        pgcopy.text(matched_ids),
+        pgcopy.fixed(scores, ">f4"),
+        pgcopy.fixed(np.asarray(matched_at_us, np.int64) - pgcopy.PG_EPOCH_OFFSET_US, ">i8"),
+    ]
+    return pgcopy.encode_rows(fields, m)
 
 
 def uuid_matrix(values) -> np.ndarray:

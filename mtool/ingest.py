@@ -58,13 +58,11 @@ class IngestOptions:
     kafka: dict | None = None  # origin of a job started by an event: topic, partition, offset
 
     def validate(self) -> None:
+        from mtool.config import uuid_value
+
         for name in ("group_id", "domain_id", "job_id"):
-            value = getattr(self, name)
-            if value is not None:
-                try:
-                    uuid.UUID(str(value))
-                except ValueError:
-                    raise UsageError(f"--{name.replace('_', '-')} {value!r} is not a UUID") from None
+            if getattr(self, name) is not None:
+                uuid_value(getattr(self, name), f"--{name.replace('_', '-')}")
         if self.batch_rows < 1 or self.workers < 1 or self.max_rejects < 0:
             raise UsageError("--batch-rows and --workers must be positive and --max-rejects not negative")
         if not self.uris:
@@ -155,7 +153,6 @@ class ChunkItem:
     rows_in: int
     groups: list
     rejects: list
-    encode_s: float
 
 
 class ChunkReader:
@@ -183,11 +180,9 @@ class ChunkReader:
                 break
             rows = batch.num_rows
             if chunk >= task.first_chunk and chunk not in task.skip_chunks:
-                t0 = time.perf_counter()
                 prepared = contract.prepare_chunk(batch, plan.columns, task.file_index, first_row,
                                                   self.args.defaults)
-                yield ChunkItem(task.file_index, task.row_group, chunk, rows, prepared.groups,
-                                prepared.rejects, time.perf_counter() - t0)
+                yield ChunkItem(task.file_index, task.row_group, chunk, rows, prepared.groups, prepared.rejects)
             first_row += rows
 
     def close(self) -> None:

@@ -150,7 +150,7 @@ def run(tasks: Iterable, reader: Stage, writer: Stage, on_result: Callable[[Any]
             try:
                 kind, role, payload, tb = result_q.get(timeout=POLL_SECONDS)
             except queue.Empty:
-                _check_alive(procs, done, n_readers)
+                _check_alive(procs)
                 continue
             if kind == "result":
                 on_result(payload)
@@ -173,7 +173,7 @@ def run(tasks: Iterable, reader: Stage, writer: Stage, on_result: Callable[[Any]
             q.close()
 
 
-def _check_alive(procs, done, n_readers) -> None:
+def _check_alive(procs) -> None:
     for p in procs:
         if not p.is_alive() and p.exitcode not in (0, None):
             raise WorkerFailed(f"worker {p.name} exited with code {p.exitcode}")

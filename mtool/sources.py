@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from mtool.db.connection import first_line
 from mtool.errors import DependencyUnavailable, InputNotFound, InvalidInput
 
 # pyarrow reads column chunks through a buffer of this size instead of whole row groups at once:
@@ -186,11 +187,6 @@ def open_parquet(src: Source):
             raise InputNotFound(f"{src.uri}: no such file") from None
         raise InvalidInput(f"{src.uri}: not a readable Parquet file ({first_line(exc)})",
                            hint="the file is truncated, corrupt or not Parquet") from None
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def iter_row_group(pf, row_group: int, batch_rows: int, where: str):

@@ -190,21 +190,22 @@ def http_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("www")
 
 
-@pytest.fixture
-def http_ranges(http_dir):
-    server = _serve(RangeHandler, http_dir)
+def _served(handler_cls, directory):
+    server = _serve(handler_cls, directory)
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def http_ranges(http_dir):
+    yield from _served(RangeHandler, http_dir)
 
 
 @pytest.fixture
 def http_plain(http_dir):
     """An HTTP server that ignores Range, like `python -m http.server`."""
-    server = _serve(PlainHandler, http_dir)
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    yield from _served(PlainHandler, http_dir)
 
 
 # -- running the command ------------------------------------------------------------------

@@ -4,8 +4,7 @@
   candidate search (hashed one-hot for categorical keys, random Fourier features of a Gaussian
   of width `scale` for numeric keys, a hashed normalised bag for multi-value keys, the unit
   embedding), each block scaled by the square root of its weight.
-The profile is checked against the data first: a key no node has, or a numeric key whose values
-do not parse, is refused before any work."""
+The profile has been checked against the data before (engine.check_profile_fits)."""
 
 from __future__ import annotations
 
@@ -13,38 +12,11 @@ import zlib
 
 import numpy as np
 
-from mtool.errors import InvalidInput
 from mtool.kernels.compat import Features
 
 HASH_DIMS = 32  # buckets per categorical or multi-value key
 RFF_DIMS = 16  # random Fourier features per numeric key
 SEED = 20_240_607  # fixed: encodings (and so candidates) are reproducible
-
-
-def check_against(profile, nodes) -> None:
-    where = f"profile {profile.source}, group {nodes.group_id}"
-    for spec in profile.keys:
-        values = nodes.metadata[spec.name]
-        present = [v for v in values if v is not None]
-        if not present:
-            raise InvalidInput(f"{where}: no node has key {spec.name!r}",
-                               hint="fix the key's name in the profile or import nodes that carry it")
-        if spec.type == "numeric":
-            bad = next((v for v in present if not _is_number(v)), None)
-            if bad is not None:
-                raise InvalidInput(f"{where}: numeric key {spec.name!r} has value {bad!r}, which does not parse "
-                                   "as a number", hint="make the key categorical, or fix the node data")
-    if profile.embedding_weight is not None and nodes.embedding is None and not profile.keys:
-        raise InvalidInput(f"{where}: the profile compares embeddings only and no node has one")
-    if profile.bipartite and not any(v is not None for v in nodes.metadata[profile.partition.key]):
-        raise InvalidInput(f"{where}: no node has the partition key {profile.partition.key!r}")
-
-
-def _is_number(value: str) -> bool:
-    try:
-        return np.isfinite(float(value))
-    except ValueError:
-        return False
 
 
 def _codes(values):

@@ -164,6 +164,10 @@ def check_profile_fits(conn, profile, group_ids) -> None:
             if bad:
                 raise InvalidInput(f"{where}: numeric key {spec.name!r} has value {bad[0]!r}, which does not parse as "
                                    "a number", hint="make the key categorical, or fix the node data")
+    if not profile.keys and not conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM nodes WHERE group_id = ANY(%s::uuid[]) AND embedding IS NOT NULL)",
+            (group_ids,)).fetchone()[0]:
+        raise InvalidInput(f"{where}: the profile compares embeddings only and no node has one")
     if profile.bipartite:
         key = profile.partition.key
         if not conn.execute("SELECT EXISTS (SELECT 1 FROM nodes WHERE group_id = ANY(%s::uuid[]) AND metadata ? %s)",
@@ -231,7 +235,6 @@ def _run_group(session, db, opts, gid, cycle_id, stats: dict) -> tuple[int, int]
     t = time.monotonic()
     keys = [s.name for s in profile.keys] + ([profile.partition.key] if profile.partition else [])
     group = session.run(lambda c: node_repo.load_group(c, gid, keys), "load nodes")
-    enc.check_against(profile, group)
     features = enc.encode(profile, group)
     n = len(group)
     timings["load_s"] = round(time.monotonic() - t, 3)
@@ -431,21 +434,11 @@ def commit_cycle(db: Database, group, cycle_id, neighbors, scores, timings) -> i
 
     table = edge_table(group, cycle_id, neighbors, scores)
     load = "m_" + hashlib.blake2b(f"{cycle_id}:{group.group_id}".encode(), digest_size=12).hexdigest()
-    import pyarrow as pa
-
     m = table.num_rows
-    now_us = int(time.time() * 1_000_000)
-    fields = [
-        pgcopy.fixed(np.arange(m, dtype=np.int64), ">i8"),
-        pgcopy.uuid_bytes(np.broadcast_to(contract.uuid_matrix([group.group_id]), (m, 16))),
-        pgcopy.uuid_bytes(np.broadcast_to(contract.uuid_matrix([group.domain_id]), (m, 16))),
-        pgcopy.text(pa.repeat(pa.scalar(cycle_id, pa.string()), m)),
-        pgcopy.text(table.column("reference_id")),
-        pgcopy.text(table.column("matched_reference_id")),
-        pgcopy.fixed(table.column("compatibility_score").to_numpy(), ">f4"),
-        pgcopy.fixed(np.full(m, now_us - pgcopy.PG_EPOCH_OFFSET_US), ">i8"),
-    ]
-    payload = pgcopy.encode_rows(fields, m)
+    payload = contract.encode_load_rows(
+        np.arange(m, dtype=np.int64), group.group_id, contract.uuid_matrix([group.domain_id]), cycle_id,
+        table.column("reference_id"), table.column("matched_reference_id"),
+        table.column("compatibility_score").to_numpy(), np.full(m, int(time.time() * 1_000_000)))
     with db.connect(autocommit=True) as conn:
         conn.execute(f"DROP TABLE IF EXISTS {pm.STAGE_SCHEMA}.{load}")
         pm.create_load_table(conn, load)

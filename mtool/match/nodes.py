@@ -38,21 +38,16 @@ class NodesResult:
         return self.__dict__.copy()
 
 
-def _check_uuid(value, what):
-    try:
-        return str(uuid.UUID(str(value)))
-    except ValueError:
-        raise UsageError(f"{what} {value!r} is not a UUID") from None
-
-
 def import_nodes(db, uris, group_id=None, domain_id=None, mapping=(), max_rejects=1000,
                  rejects_file=None) -> NodesResult:
     import pyarrow as pa
 
     from mtool.db import migrations
 
-    group_id = _check_uuid(group_id, "--group-id") if group_id else None
-    domain_id = _check_uuid(domain_id, "--domain-id") if domain_id else None
+    from mtool.config import uuid_value
+
+    group_id = uuid_value(group_id, "--group-id") if group_id else None
+    domain_id = uuid_value(domain_id, "--domain-id") if domain_id else None
     srcs = sources.resolve(uris)
     renamed = dict(mapping)
     plans = []
