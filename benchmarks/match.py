@@ -53,7 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, default=1_000_000)
     ap.add_argument("--k", type=int, default=20)
-    ap.add_argument("--oversample", type=int, default=6)
+    ap.add_argument("--oversample", type=int, default=engine.MatchOptions.oversample)
     ap.add_argument("--sample", type=int, default=300)
     ap.add_argument("--skip-baselines", action="store_true")
     args = ap.parse_args()
@@ -77,7 +77,7 @@ def main() -> None:
     t = time.perf_counter()
     nb, _ = engine.stage_matches(opts, profile, nodes, features, os.path.join(opts.staging_dir, "bench"))
     dt = time.perf_counter() - t
-    print(f"mtool (vectors + FAISS candidates x{args.oversample} + exact rescoring): {n / dt:>9,.0f} nodes/s "
+    print(f"mtool (vectors + list-join candidates x{args.oversample} + exact rescoring): {n / dt:>9,.0f} nodes/s "
           f"({dt:.1f} s)  recall@{k} {recall(nb, exact, queries):.4f}  peak RSS {peak_rss_mib()} MiB", flush=True)
     mtool_rate = n / dt
     if args.skip_baselines:

@@ -42,8 +42,10 @@ def array_module(array):
 
 
 def popcount(words, xp):
-    """Set bits summed over the last axis of a uint64 array, via a byte lookup table (works the
-    same in NumPy and CuPy, with no dependence on a popcount ufunc)."""
+    """Set bits summed over the last axis of a uint64 array: the bitwise_count ufunc where the
+    array module has one (NumPy 2, recent CuPy), else a byte lookup table (same result)."""
+    if hasattr(xp, "bitwise_count"):
+        return xp.bitwise_count(words).sum(axis=-1, dtype=xp.int32).astype(xp.float32)
     table = xp.asarray(_POPCOUNT_8)
     return table[words.view(xp.uint8)].sum(axis=-1, dtype=xp.int32).astype(xp.float32)
 
@@ -57,43 +59,69 @@ def _popcount_table():
 _POPCOUNT_8 = _popcount_table()
 
 
+def _derived(f: Features, xp):
+    """Per-bundle facts computed once, not per call: whether each key has gaps (a key every
+    node has needs no per-pair mask) and the item count of each multi-value set."""
+    cached = f.__dict__.get("_derived")
+    if cached is None:
+        cached = {
+            "cat_gaps": [bool((codes < 0).any()) for codes, _, _ in f.categorical],
+            "num_gaps": [bool(xp.isnan(values).any()) for values, _, _, _ in f.numeric],
+            "multi_gaps": [not bool(has.all()) for _, has, _, _ in f.multi],
+            "multi_sizes": [popcount(bits, xp) for bits, _, _, _ in f.multi],
+            "emb_gaps": f.embedding is not None and not bool(f.embedding[1].all()),
+        }
+        f.__dict__["_derived"] = cached
+    return cached
+
+
 def pair_scores(f: Features, q, c):
     """Scores (B, C) of queries q (B,) against candidates c (B, C), node indices into f."""
     xp = array_module(c)
+    d = _derived(f, xp)
     num = xp.zeros(c.shape, dtype=xp.float32)
-    den = xp.zeros(c.shape, dtype=xp.float32)
-    ok = xp.ones(c.shape, dtype=bool)
+    den = xp.zeros(c.shape, dtype=xp.float32)  # weights of keys only some pairs share
+    den_all = 0.0  # weights of keys every pair shares
+    ok = None
     qc = q[:, None]
 
     def add(score, both, weight, required):
-        nonlocal num, den, ok
-        num += xp.where(both, score, 0).astype(xp.float32) * weight
-        den += both.astype(xp.float32) * weight
+        nonlocal num, den, den_all, ok
+        if both is None:
+            num += score * xp.float32(weight)
+            den_all += weight
+        else:
+            num += xp.where(both, score, xp.float32(0)) * xp.float32(weight)
+            den += both.astype(xp.float32) * xp.float32(weight)
         if required:
-            ok &= both & (score > 0)
+            passed = score > 0 if both is None else both & (score > 0)
+            ok = passed if ok is None else ok & passed
 
-    for codes, weight, required in f.categorical:
+    for (codes, weight, required), gaps in zip(f.categorical, d["cat_gaps"]):
         a, b = codes[qc], codes[c]
-        both = (a >= 0) & (b >= 0)
-        add((a == b).astype(xp.float32), both, weight, required)
-    for values, scale, weight, required in f.numeric:
+        add((a == b).astype(xp.float32), ((a >= 0) & (b >= 0)) if gaps else None, weight, required)
+    for (values, scale, weight, required), gaps in zip(f.numeric, d["num_gaps"]):
         a, b = values[qc], values[c]
-        both = ~xp.isnan(a) & ~xp.isnan(b)
-        score = xp.maximum(0.0, 1.0 - xp.abs(xp.nan_to_num(a) - xp.nan_to_num(b)) / scale)
+        if gaps:
+            both = ~xp.isnan(a) & ~xp.isnan(b)
+            a, b = xp.nan_to_num(a), xp.nan_to_num(b)
+        else:
+            both = None
+        score = xp.maximum(xp.float32(0), xp.float32(1) - xp.abs(a - b) / xp.float32(scale))
         add(score, both, weight, required)
-    for bits, has, weight, required in f.multi:
-        a, b = bits[q][:, None, :], bits[c]  # (B, 1, W), (B, C, W)
-        inter = popcount(a & b, xp)
-        union = popcount(a | b, xp)
-        score = xp.where(union > 0, inter / xp.maximum(union, 1), 0)
-        add(score, has[qc] & has[c], weight, required)
+    for (bits, has, weight, required), gaps, sizes in zip(f.multi, d["multi_gaps"], d["multi_sizes"]):
+        inter = popcount(bits[q][:, None, :] & bits[c], xp)  # (B, C)
+        union = sizes[qc] + sizes[c] - inter
+        score = inter / xp.maximum(union, xp.float32(1))  # 0 where both sets are empty
+        add(score, (has[qc] & has[c]) if gaps else None, weight, required)
     if f.embedding is not None:
         vectors, has, weight = f.embedding
         cos = xp.einsum("bd,bcd->bc", vectors[q], vectors[c])
-        add((1 + cos) / 2, has[qc] & has[c], weight, False)
-    score = xp.where(den > 0, num / xp.maximum(den, 1e-30), 0)
+        add((1 + cos) / 2, (has[qc] & has[c]) if d["emb_gaps"] else None, weight, False)
+    den = den + xp.float32(den_all)
+    score = xp.where(den > 0, num / xp.maximum(den, xp.float32(1e-30)), xp.float32(0))
     score = (xp.round(score.astype(xp.float64) * 10**SCORE_DECIMALS) / 10**SCORE_DECIMALS).astype(xp.float32)
-    return xp.where(ok, score, xp.float32(EXCLUDED))
+    return score if ok is None else xp.where(ok, score, xp.float32(EXCLUDED))
 
 
 def top_k(scores, candidates, rank, k: int):

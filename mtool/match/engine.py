@@ -30,7 +30,8 @@ from mtool.errors import InvalidInput, MtoolError
 from mtool.kernels import compat
 from mtool.match import encode as enc
 from mtool.match import nodes as node_repo
-from mtool.match.search import EXACT_MAX, CandidateIndex
+from mtool.match.search import EXACT_MAX, ListJoin
+from mtool.match.writer import EdgeWriter
 
 log = logging.getLogger(__name__)
 PAIR_BUDGET = 2_000_000  # query x candidate pairs scored at once: bounds memory per block
@@ -47,10 +48,10 @@ class MatchOptions:
     shard: tuple = (0, 1)
     cycle_id: str | None = None
     output: str | None = None  # a .parquet path: write matches there instead of the database
-    oversample: int = 6  # candidates per kept match: recall@20 0.99 at 100k nodes (benchmarks/match.py)
+    oversample: int = 4  # candidates per kept match: recall@20 >= 0.99 at 100k and 1M nodes (benchmarks/match.py)
     block_rows: int = 4096
     staging_dir: str = "."
-    threads: int | None = None  # FAISS threads per group process (default: CPUs / workers)
+    threads: int | None = None  # compute threads per group process (default: CPUs / workers)
     workers: int = 1  # groups processed at once, each in its own process (1: inline)
     metrics: object = None  # mtool.metrics.MatchMetrics (kept in the parent)
 
@@ -240,14 +241,25 @@ def _run_group(session, db, opts, gid, cycle_id, stats: dict) -> tuple[int, int]
     timings["load_s"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
     staging = os.path.join(opts.staging_dir, cycle_id, gid)
-    neighbors, scores = stage_matches(opts, profile, group, features, staging, stats)
-    timings["match_s"] = round(time.monotonic() - t, 3)
-    t = time.monotonic()
-    if opts.output:
-        edges = write_parquet(opts.output, group, cycle_id, neighbors, scores)
-        session.run(lambda c: _cycle_completed(c, gid, cycle_id, n, edges, timings, group), "complete cycle")
-    else:
-        edges = db.retry(lambda: commit_cycle(db, group, cycle_id, neighbors, scores, timings), "commit cycle")
+    writer = load = None
+    if not opts.output:  # edges stream into a fresh load table as blocks finish (mtool/match/writer.py)
+        load = db.retry(lambda: open_load_table(db, gid, cycle_id), "create load table")
+        writer = EdgeWriter(db, load, group, cycle_id, staging, opts.block_rows)
+    try:
+        neighbors, scores = stage_matches(opts, profile, group, features, staging, stats,
+                                          on_block=writer.send if writer else None, want_result=bool(opts.output))
+        timings["match_s"] = round(time.monotonic() - t, 3)
+        t = time.monotonic()
+        if opts.output:
+            edges = write_parquet(opts.output, group, cycle_id, neighbors, scores)
+            session.run(lambda c: _cycle_completed(c, gid, cycle_id, n, edges, timings, group), "complete cycle")
+        else:
+            edges = writer.finish()
+            writer = None
+            db.retry(lambda: swap_cycle(db, group, cycle_id, load, edges, timings), "commit cycle")
+    finally:
+        if writer is not None:
+            writer.abort()
     timings["write_s"] = round(time.monotonic() - t, 3)
     shutil.rmtree(staging, ignore_errors=True)
     log.info("group %s: %d nodes, %d edges, cycle %s (%s)", gid, n, edges, cycle_id, timings,
@@ -269,12 +281,15 @@ def _sides(profile, group) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(left, right), (right, left)]
 
 
-def stage_matches(opts, profile, group, features, staging: str, stats: dict | None = None):
+def stage_matches(opts, profile, group, features, staging: str, stats: dict | None = None, on_block=None,
+                  want_result: bool = True):
     """Top-K of every node into Zarr arrays under `staging`, block by block, resumable.
 
-    Nodes are processed in a fixed order (by side, then by candidate cluster for large pools),
+    Nodes are processed in a fixed order (by side, then by first probed list for large pools),
     saved as `order.npy` before the first block, so that blocks (and their done-markers) mean
-    the same nodes when a killed run resumes. The arrays are indexed by processing position."""
+    the same nodes when a killed run resumes. The arrays are indexed by processing position.
+    Blocks run on `opts.threads` threads (NumPy, BLAS and FAISS release the GIL), each owning
+    its Zarr chunk; `on_block(b)` is called as each block is done (the commit's COPY feed)."""
     import zarr
     from zarr.codecs import BloscCodec
 
@@ -284,21 +299,21 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     os.makedirs(os.path.join(staging, "done"), exist_ok=True)
     block = opts.block_rows
     vecs = None
-    plans = []  # (queries, pool, join, query clusters)
+    plans = []  # (queries, pool, join, probes)
     for queries, pool in _sides(profile, group):
         if len(queries) == 0 or len(pool) == 0:
             continue
-        join = clusters = None
+        join = probes = None
         if len(pool) > EXACT_MAX:
             t_build = time.monotonic()
             if vecs is None:
                 vecs = enc.vectors(profile, features, n)
-            join = CandidateIndex(vecs[pool], opts.device, opts.threads)
+            join = ListJoin(vecs[pool], opts.device)
+            probes = join.pool_probes if queries is pool else join.probes(vecs[queries])
+            by_list = np.argsort(probes[:, 0], kind="stable")  # neighbours share lists: cache-friendly blocks
+            queries, probes = queries[by_list], probes[by_list]
             stats["graph_build_s"] = stats.get("graph_build_s", 0.0) + time.monotonic() - t_build
-            clusters = join.assign(vecs[queries])
-            by_cluster = np.argsort(clusters, kind="stable")
-            queries, clusters = queries[by_cluster], clusters[by_cluster]
-        plans.append((queries, pool, join, clusters))
+        plans.append((queries, pool, join, probes))
     order_path = os.path.join(staging, "order.npy")
     if os.path.exists(order_path):
         order = np.load(order_path)
@@ -306,9 +321,7 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         order = np.concatenate([q for q, *_ in plans]) if plans else np.zeros(0, np.int64)
         np.save(order_path + ".tmp.npy", order)
         os.replace(order_path + ".tmp.npy", order_path)
-    plan_of = np.concatenate([np.full(len(q), i) for i, (q, *_) in enumerate(plans)]) if plans else order
-    cluster_at = np.concatenate([c if c is not None else np.full(len(q), -1) for q, _, _, c in plans]) \
-        if plans else order
+    plan_starts = np.cumsum([0] + [len(q) for q, *_ in plans])
 
     def array(name, dtype, fill):
         path = os.path.join(staging, name)
@@ -322,27 +335,47 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     staged_sc = array("scores.zarr", "float32", float("-inf"))
     dev_features = _to_device(features, xp)
     rank = xp.arange(n, dtype=xp.int64)  # nodes are sorted by reference_id: index == rank
-    for b, start in enumerate(range(0, len(order), block)):
-        marker = os.path.join(staging, "done", f"{b}")
-        if os.path.exists(marker):
-            continue
+    compat.pair_scores(dev_features, xp.zeros(1, xp.int64), xp.zeros((1, 1), xp.int64))  # derive caches once
+
+    def run_block(b: int) -> float:
         t_block = time.monotonic()
-        pos = np.arange(start, min(len(order), start + block))
-        out_nb = np.full((len(pos), k), -1, np.int32)
-        out_sc = np.full((len(pos), k), -np.inf, np.float32)
-        for p, (_, pool, join, _) in enumerate(plans):
-            mine = pos[plan_of[pos] == p]
-            if len(mine) == 0:
+        start, stop = b * block, min(len(order), (b + 1) * block)
+        out_nb = np.full((stop - start, k), -1, np.int32)
+        out_sc = np.full((stop - start, k), -np.inf, np.float32)
+        for p, (queries, pool, join, probes) in enumerate(plans):
+            lo, hi = max(start, plan_starts[p]), min(stop, plan_starts[p + 1])
+            if lo >= hi:
                 continue
-            nb, sc = _top_k_for(order[mine], cluster_at[mine], pool, join, vecs, dev_features, rank, k, opts, xp,
-                                not profile.bipartite)
-            out_nb[mine - start], out_sc[mine - start] = nb, sc
-        staged_nb[start:start + len(pos)] = out_nb
-        staged_sc[start:start + len(pos)] = out_sc
-        with open(marker, "w"):
+            mine = slice(lo - plan_starts[p], hi - plan_starts[p])
+            nb, sc = _top_k_for(queries[mine], None if probes is None else probes[mine], pool, join, vecs,
+                                dev_features, rank, k, opts, xp, not profile.bipartite)
+            out_nb[lo - start:hi - start], out_sc[lo - start:hi - start] = nb, sc
+        staged_nb[start:stop] = out_nb
+        staged_sc[start:stop] = out_sc
+        with open(os.path.join(staging, "done", f"{b}"), "w"):
             pass
-        stats.setdefault("block_seconds", []).append(time.monotonic() - t_block)
+        if on_block:
+            on_block(b)
         faults.crash_point("match-block-done")
+        return time.monotonic() - t_block
+
+    blocks = range(-(-len(order) // block))
+    todo = [b for b in blocks if not os.path.exists(os.path.join(staging, "done", f"{b}"))]
+    if on_block:  # resuming: blocks a killed run finished are fed again (the load table is new)
+        for b in sorted(set(blocks) - set(todo)):
+            on_block(b)
+    threads = 1 if xp is not np else max(1, opts.threads or os.cpu_count() or 1)
+    if threads == 1 or len(todo) <= 1:
+        stats.setdefault("block_seconds", []).extend(run_block(b) for b in todo)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1), ThreadPoolExecutor(threads, initializer=_one_thread) as pool:
+            stats.setdefault("block_seconds", []).extend(pool.map(run_block, todo))
+    if not want_result:
+        return None, None
     neighbors = np.full((n, k), -1, np.int32)
     scores = np.full((n, k), -np.inf, np.float32)
     if len(order):
@@ -351,12 +384,22 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     return neighbors, scores
 
 
-def _top_k_for(queries, clusters, pool, join, vecs, features, rank, k, opts, xp, symmetric):
+def _one_thread() -> None:
+    """Block threads are the parallelism: FAISS's OpenMP (a per-thread setting) stays at one."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+
+
+RESCORE_ROWS = 1024  # queries rescored at once: keeps the gathered candidate features in cache
+
+
+def _top_k_for(queries, probes, pool, join, vecs, features, rank, k, opts, xp, symmetric):
     from mtool.device import to_host
 
+    nbs, scs = [], []
     if join is None:
         step = max(1, PAIR_BUDGET // max(1, len(pool)))
-        nbs, scs = [], []
         for s in range(0, len(queries), step):
             q = xp.asarray(queries[s:s + step])
             c = xp.broadcast_to(xp.asarray(pool)[None, :], (len(q), len(pool)))
@@ -365,10 +408,14 @@ def _top_k_for(queries, clusters, pool, join, vecs, features, rank, k, opts, xp,
             scs.append(to_host(sc))
         return np.concatenate(nbs), np.concatenate(scs)
     count = min(len(pool), k * opts.oversample + (1 if symmetric else 0))
-    found = join.search(vecs[queries], clusters, count, xp)
+    found = join.search(vecs[queries], probes, count)
     cand = np.where(found >= 0, pool[np.maximum(found, 0)], -1)
-    nb, sc = _rescore(xp.asarray(queries), xp.asarray(cand), features, rank, k, xp, symmetric)
-    return to_host(nb), to_host(sc)
+    for s in range(0, len(queries), RESCORE_ROWS):
+        nb, sc = _rescore(xp.asarray(queries[s:s + RESCORE_ROWS]), xp.asarray(cand[s:s + RESCORE_ROWS]), features,
+                          rank, k, xp, symmetric)
+        nbs.append(to_host(nb))
+        scs.append(to_host(sc))
+    return np.concatenate(nbs), np.concatenate(scs)
 
 
 def _rescore(q, c, features, rank, k, xp, symmetric):
@@ -427,29 +474,23 @@ def write_parquet(path: str, group, cycle_id, neighbors, scores) -> int:
     return table.num_rows
 
 
-def commit_cycle(db: Database, group, cycle_id, neighbors, scores, timings) -> int:
-    """The group's edges replace its partition, with the cycle's row, in one transaction."""
-    from mtool import contract
-    from mtool import copy as pgcopy
-
-    table = edge_table(group, cycle_id, neighbors, scores)
-    load = "m_" + hashlib.blake2b(f"{cycle_id}:{group.group_id}".encode(), digest_size=12).hexdigest()
-    m = table.num_rows
-    payload = contract.encode_load_rows(
-        np.arange(m, dtype=np.int64), group.group_id, contract.uuid_matrix([group.domain_id]), cycle_id,
-        table.column("reference_id"), table.column("matched_reference_id"),
-        table.column("compatibility_score").to_numpy(), np.full(m, int(time.time() * 1_000_000)))
+def open_load_table(db: Database, gid: str, cycle_id: str) -> str:
+    """A fresh (empty) load table for this cycle of the group: every attempt starts a new one."""
+    load = "m_" + hashlib.blake2b(f"{cycle_id}:{gid}".encode(), digest_size=12).hexdigest()
     with db.connect(autocommit=True) as conn:
         conn.execute(f"DROP TABLE IF EXISTS {pm.STAGE_SCHEMA}.{load}")
         pm.create_load_table(conn, load)
-        with conn.cursor() as cur:
-            pgcopy.copy_bytes(cur, f"{pm.STAGE_SCHEMA}.{load}", contract.LOAD_COLUMNS, payload)
+    return load
+
+
+def swap_cycle(db: Database, group, cycle_id: str, load: str, edges: int, timings) -> None:
+    """The loaded edges replace the group's partition, with the cycle's row, in one transaction."""
+    with db.connect(autocommit=True) as conn:
         pm.prepare_for_swap(conn, group.group_id, load, include_existing=False)
         faults.crash_point("match-before-swap")
         with conn.transaction():
             pm.swap_in(conn, group.group_id, load)
-            _cycle_completed(conn, group.group_id, cycle_id, len(group), m, timings, group)
-    return m
+            _cycle_completed(conn, group.group_id, cycle_id, len(group), edges, timings, group)
 
 
 def _cycle_completed(conn, gid, cycle_id, nodes, edges, timings, group) -> None:

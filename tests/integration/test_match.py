@@ -186,3 +186,22 @@ def test_groups_in_parallel_processes_with_metrics(dsn, files):
     assert 'match_cycles_total{status="COMPLETED"} 4.0' in text
     assert f'matches_generated_total{{groupId="{group(20)}"}} 750.0' in text
     assert "batch_matches_duration_count" in text
+
+
+def test_killed_approximate_run_resumes_to_the_uninterrupted_result(dsn, files):
+    """A group above the exact threshold (list join + rescoring, edges streamed by the writer
+    process): killed after some blocks, resumed, it ends with exactly the uninterrupted rows."""
+    from mtool.match.search import EXACT_MAX
+
+    rows = make_nodes(EXACT_MAX + 2000, group(9), DOMAIN, seed=9)
+    run_mtool(["nodes", "import", nodes_file(files, rows)], dsn, check_rc=0)
+    args = ["match", "--profile", profile_file(files), "--block-rows", "1000"]
+    run_mtool(args, dsn, check_rc=0)
+    uninterrupted, first_cycle = stored_matches(dsn, group(9))
+    assert len(uninterrupted) == len(rows)
+    assert all(len(lst) == PROFILE["k"] and ref not in {m for m, _ in lst} for ref, lst in uninterrupted.items())
+    assert run_mtool(args, dsn, env={"MTOOL_CRASH_AT": "match-block-done:3"}).returncode == -9
+    assert stored_matches(dsn, group(9)) == (uninterrupted, first_cycle)  # readers still see the old cycle
+    run_mtool(args, dsn, check_rc=0)
+    resumed, cycles = stored_matches(dsn, group(9))
+    assert resumed == uninterrupted and cycles != first_cycle and len(cycles) == 1

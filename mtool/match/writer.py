@@ -1,0 +1,106 @@
+"""The group's edge writer: a process that COPYs finished Zarr blocks into the cycle's load
+table while the compute threads go on with the next blocks.
+
+Why a process: encoding and COPY of millions of edges would otherwise wait until the last
+block (tens of seconds at 1M nodes) or steal the compute threads' GIL time. Each block is one
+COPY in its own transaction. Exactly once without checkpoints: the load table is created
+afresh for every attempt of a group, and every done block (including those a killed run left)
+is sent to the writer again, so the table ends with each block's edges exactly once; it only
+becomes visible at the swap.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+
+import numpy as np
+
+from mtool.db import matches as pm
+from mtool.pipeline import WorkerFailed, _worker_setup
+
+POLL_SECONDS = 0.2
+
+
+def _edges_payload(args, order, neighbors, scores, start: int, stamp: int) -> tuple[bytes, int]:
+    import pyarrow as pa
+
+    from mtool import contract
+
+    refs = args["refs"]
+    src, pos = np.nonzero(neighbors >= 0)
+    m = len(src)
+    payload = contract.encode_load_rows(
+        start * neighbors.shape[1] + np.arange(m, dtype=np.int64),
+        args["group_id"], contract.uuid_matrix([args["domain_id"]]), args["cycle_id"],
+        refs.take(pa.array(order[src])), refs.take(pa.array(neighbors[src, pos])), scores[src, pos],
+        np.full(m, stamp, np.int64))
+    return payload, m
+
+
+def writer_main(args: dict, block_q, result_q, parent_pid: int) -> None:
+    """Block numbers in, ('done', edges) or ('error', message) out."""
+    _worker_setup(parent_pid)
+    try:
+        import pyarrow as pa
+        import zarr
+
+        from mtool import contract
+        from mtool import copy as pgcopy
+
+        args = dict(args, refs=pa.array(args["reference_ids"], pa.string()))
+        block, stamp, edges = args["block_rows"], int(time.time() * 1_000_000), 0
+        target = f"{pm.STAGE_SCHEMA}.{args['table']}"
+        order = None
+        with args["db"].connect(autocommit=True) as conn, conn.cursor() as cur:
+            while (b := block_q.get()) is not None:
+                if order is None:  # the staging arrays exist once the first block is done
+                    order = np.load(os.path.join(args["staging"], "order.npy"))
+                    staged_nb = zarr.open_array(os.path.join(args["staging"], "neighbors.zarr"), mode="r")
+                    staged_sc = zarr.open_array(os.path.join(args["staging"], "scores.zarr"), mode="r")
+                start, stop = b * block, min(len(order), (b + 1) * block)
+                payload, m = _edges_payload(args, order[start:stop], staged_nb[start:stop], staged_sc[start:stop],
+                                            start, stamp)
+                pgcopy.copy_bytes(cur, target, contract.LOAD_COLUMNS, payload)
+                edges += m
+        result_q.put(("done", edges))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
+        result_q.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+class EdgeWriter:
+    """Parent side: `send(b)` from any thread as blocks finish, `finish()` for the edge count."""
+
+    def __init__(self, db, table: str, group, cycle_id: str, staging: str, block_rows: int):
+        ctx = mp.get_context("spawn")
+        self.block_q, self.result_q = ctx.Queue(), ctx.Queue()
+        args = {"db": db, "table": table, "group_id": group.group_id, "domain_id": group.domain_id,
+                "cycle_id": cycle_id, "reference_ids": list(group.reference_ids), "staging": staging,
+                "block_rows": block_rows}
+        self.process = ctx.Process(target=writer_main, args=(args, self.block_q, self.result_q, os.getpid()),
+                                   name="mtool-edge-writer", daemon=True)
+        self.process.start()
+
+    def send(self, block: int) -> None:
+        self.block_q.put(block)
+
+    def finish(self) -> int:
+        self.block_q.put(None)
+        while True:
+            try:
+                kind, value = self.result_q.get(timeout=POLL_SECONDS)
+                break
+            except queue.Empty:
+                if not self.process.is_alive():
+                    raise WorkerFailed(f"edge writer exited with code {self.process.exitcode}") from None
+        self.process.join()
+        if kind == "error":
+            raise RuntimeError(f"edge writer: {value}")
+        return value
+
+    def abort(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
