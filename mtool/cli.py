@@ -435,7 +435,7 @@ def nodes_import(obj, uris, group_id, domain_id, mapping, max_rejects, rejects_f
      help="auto: bipartite when the profile names a partition.")
 @opt("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
 @opt("--workers", type=int, default=1, show_default=True,
-     help="Groups matched at once, each in its own process (FAISS threads are split between them).")
+     help="Groups matched at once, each in its own process (the CPUs are split between them as compute threads).")
 @opt("--shard", default="0/1", show_default=True, metavar="I/N",
      help="Process only the groups whose hash falls in shard I of N (a Kubernetes Indexed Job).")
 @opt("--cycle-id", help="Cycle id (default: resume the group's unfinished cycle, else a new one).")

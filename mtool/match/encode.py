@@ -21,34 +21,52 @@ GRID = 512  # distinct values of a numeric key beyond which its kernel is taken 
 SEED = 20_240_607  # fixed: encodings (and so candidates) are reproducible
 
 
-def _codes(values):
-    table, out = {}, np.empty(len(values), np.int32)
-    for i, v in enumerate(values):
-        out[i] = -1 if v is None else table.setdefault(v, len(table))
-    return out
+def _codes(values) -> np.ndarray:
+    """int32 code of each value (first-seen order), -1 for missing; Arrow's dictionary encoder."""
+    import pyarrow as pa
+
+    encoded = pa.array(values, pa.string()).dictionary_encode()
+    return encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
+
+
+def _numbers(values) -> np.ndarray:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    trimmed = pc.utf8_trim_whitespace(pa.array(values, pa.string()))
+    return pc.cast(trimmed, pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False).astype(np.float32)
+
+
+def _item_bits(values, separator: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each node's item set as a bitset (N, words) uint64 (bit i: item code i), and has-key."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = pa.array(values, pa.string())
+    has = np.asarray(arr.is_valid())
+    lists = pc.split_pattern(arr, separator)
+    rows = np.asarray(pc.list_parent_indices(lists))
+    items = pc.utf8_trim_whitespace(pc.list_flatten(lists))
+    keep = np.asarray(pc.not_equal(items, ""))
+    rows, items = rows[keep], items.filter(pa.array(keep))
+    codes = items.dictionary_encode().indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    words = max(1, -(-(int(codes.max()) + 1 if len(codes) else 0) // 64))
+    bits = np.zeros((len(arr), words), np.uint64)
+    np.bitwise_or.at(bits, (rows, codes // 64), np.left_shift(np.uint64(1), (codes % 64).astype(np.uint64)))
+    return bits, has
 
 
 def encode(profile, nodes) -> Features:
+    """Vectorised (Arrow compute), no per-node Python: 1M nodes in about a second per key."""
     f = Features()
-    n = len(nodes)
     for spec in profile.keys:
         values = nodes.metadata[spec.name]
         if spec.type == "categorical":
             f.categorical.append((_codes(values), spec.weight, spec.required))
         elif spec.type == "numeric":
-            arr = np.array([np.nan if v is None else float(v) for v in values], np.float32)
-            f.numeric.append((arr, np.float32(spec.scale), spec.weight, spec.required))
+            f.numeric.append((_numbers(values), np.float32(spec.scale), spec.weight, spec.required))
         else:
-            sets = [None if v is None else sorted({s.strip() for s in v.split(spec.separator) if s.strip()})
-                    for v in values]
-            vocab: dict = {}
-            codes = [[vocab.setdefault(item, len(vocab)) for item in s or ()] for s in sets]
-            words = max(1, -(-len(vocab) // 64))
-            bits = np.zeros((n, words), np.uint64)
-            for i, cs in enumerate(codes):
-                for code in cs:
-                    bits[i, code // 64] |= np.uint64(1) << np.uint64(code % 64)
-            has = np.array([s is not None for s in sets])
+            bits, has = _item_bits(values, spec.separator)
             f.multi.append((bits, has, spec.weight, spec.required))
     if profile.embedding_weight is not None and nodes.embedding is not None:
         emb = nodes.embedding

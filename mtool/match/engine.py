@@ -504,7 +504,14 @@ def _record_cycle(conn, gid, cycle_id, nodes, edges, timings_json, group) -> Non
     conn.execute("UPDATE match_cycles SET status = 'COMPLETED', node_count = %s, edge_count = %s, timings = %s, "
                  "error = NULL, finished_at = now() WHERE group_id = %s AND cycle_id = %s",
                  (nodes, edges, timings_json, gid, cycle_id))
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    refs = pa.array(group.reference_ids, pa.string())
+    for raw, escaped in (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r")):  # COPY text format
+        refs = pc.replace_substring(refs, raw, escaped)
+    lines = pc.binary_join_element_wise(pa.scalar(f"{gid}\t"), refs, pa.scalar(f"\t{cycle_id}\n"), "")
     with conn.cursor() as cur:
         with cur.copy("COPY node_participation (group_id, reference_id, cycle_id) FROM STDIN") as cp:
-            for ref in group.reference_ids:
-                cp.write_row((gid, ref, cycle_id))
+            for chunk in pc.binary_join(pa.ListArray.from_arrays([0, len(lines)], lines), "").to_pylist():
+                cp.write(chunk.encode())

