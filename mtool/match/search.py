@@ -7,10 +7,10 @@
   against exactly the queries that probe it with one matrix product (BLAS), and a FAISS result
   heap keeps each query's best `count` by inner product. Lists a query ranks first go in first,
   so the heaps fill with good candidates early and later lists are mostly rejected.
-  Measured (benchmarks/match.py): FAISS IndexIVFFlat scanning the same lists was 5-6x slower
-  per scored pair (no BLAS); grouping queries by cluster and scoring the union of their lists
-  needed 3-6x more pairs for the same recall; a cluster join without per-query probes (one
-  product per cluster against its centroid's nearest clusters) topped out near 0.95 recall@20.
+  Measured while building it (population of benchmarks/match.py, 1M nodes): FAISS IndexIVFFlat
+  scanning the same lists was ~5x slower per scored pair (no BLAS); grouping queries by cluster
+  and scoring the union of their lists needed ~6x more pairs for the same recall (100k nodes); a cluster join without per-query probes (one
+  product per cluster against its centroid's nearest clusters) reached only 0.947 recall@20.
 - On a GPU the same lists and probes feed a FAISS GPU IVF index (its scan is the fast path there).
 Candidates are then rescored exactly by the caller.
 """
