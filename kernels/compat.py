@@ -59,7 +59,7 @@ def _popcount_table():
 _POPCOUNT_8 = _popcount_table()
 
 
-def _derived(f: Features, xp):
+def prepare(f: Features, xp):
     """Per-bundle facts computed once, not per call: whether each key has gaps (a key every
     node has needs no per-pair mask) and the item count of each multi-value set."""
     cached = f.__dict__.get("_derived")
@@ -78,7 +78,7 @@ def _derived(f: Features, xp):
 def pair_scores(f: Features, q, c):
     """Scores (B, C) of queries q (B,) against candidates c (B, C), node indices into f."""
     xp = array_module(c)
-    d = _derived(f, xp)
+    d = prepare(f, xp)
     num = xp.zeros(c.shape, dtype=xp.float32)
     den = xp.zeros(c.shape, dtype=xp.float32)  # weights of keys only some pairs share
     den_all = 0.0  # weights of keys every pair shares

@@ -31,7 +31,7 @@ from mtool.kernels import compat
 from mtool.match import encode as enc
 from mtool.match import nodes as node_repo
 from mtool.match.search import EXACT_MAX, ListJoin
-from mtool.match.writer import EdgeWriter
+from mtool.match.writer import EdgeWriter, edge_columns
 
 log = logging.getLogger(__name__)
 PAIR_BUDGET = 2_000_000  # query x candidate pairs scored at once: bounds memory per block
@@ -299,7 +299,7 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     os.makedirs(os.path.join(staging, "done"), exist_ok=True)
     block = opts.block_rows
     vecs = None
-    plans = []  # (queries, pool, join, probes)
+    plans = []  # (queries in processing order, pool, join, probes indexed by node)
     for queries, pool in _sides(profile, group):
         if len(queries) == 0 or len(pool) == 0:
             continue
@@ -311,7 +311,9 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
             join = ListJoin(vecs[pool], opts.device)
             probes = join.pool_probes if queries is pool else join.probes(vecs[queries])
             by_list = np.argsort(probes[:, 0], kind="stable")  # neighbours share lists: cache-friendly blocks
-            queries, probes = queries[by_list], probes[by_list]
+            node_probes = np.empty((n, probes.shape[1]), probes.dtype)  # by node: valid for a saved order too
+            node_probes[queries] = probes
+            queries, probes = queries[by_list], node_probes
             stats["graph_build_s"] = stats.get("graph_build_s", 0.0) + time.monotonic() - t_build
         plans.append((queries, pool, join, probes))
     order_path = os.path.join(staging, "order.npy")
@@ -335,19 +337,19 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     staged_sc = array("scores.zarr", "float32", float("-inf"))
     dev_features = _to_device(features, xp)
     rank = xp.arange(n, dtype=xp.int64)  # nodes are sorted by reference_id: index == rank
-    compat.pair_scores(dev_features, xp.zeros(1, xp.int64), xp.zeros((1, 1), xp.int64))  # derive caches once
+    compat.prepare(dev_features, xp)  # once, before the block threads share it
 
     def run_block(b: int) -> float:
         t_block = time.monotonic()
         start, stop = b * block, min(len(order), (b + 1) * block)
         out_nb = np.full((stop - start, k), -1, np.int32)
         out_sc = np.full((stop - start, k), -np.inf, np.float32)
-        for p, (queries, pool, join, probes) in enumerate(plans):
+        for p, (_, pool, join, probes) in enumerate(plans):
             lo, hi = max(start, plan_starts[p]), min(stop, plan_starts[p + 1])
             if lo >= hi:
                 continue
-            mine = slice(lo - plan_starts[p], hi - plan_starts[p])
-            nb, sc = _top_k_for(queries[mine], None if probes is None else probes[mine], pool, join, vecs,
+            queries = order[lo:hi]  # the saved order: a resumed run's blocks mean the same nodes
+            nb, sc = _top_k_for(queries, None if probes is None else probes[queries], pool, join, vecs,
                                 dev_features, rank, k, opts, xp, not profile.bipartite)
             out_nb[lo - start:hi - start], out_sc[lo - start:hi - start] = nb, sc
         staged_nb[start:stop] = out_nb
@@ -448,15 +450,16 @@ def edge_table(group, cycle_id, neighbors, scores):
     """The top-K edges as an Arrow table in the import contract."""
     import pyarrow as pa
 
-    src, pos = np.nonzero(neighbors >= 0)
     refs = pa.array(group.reference_ids, pa.string())
+    sources, targets, kept = edge_columns(refs, np.arange(len(neighbors)), neighbors, scores)
+    m = len(sources)
     return pa.table({
-        "group_id": pa.array([group.group_id] * len(src), pa.string()),
-        "domain_id": pa.array([group.domain_id] * len(src), pa.string()),
-        "processing_cycle_id": pa.array([cycle_id] * len(src), pa.string()),
-        "reference_id": refs.take(pa.array(src)),
-        "matched_reference_id": refs.take(pa.array(neighbors[src, pos])),
-        "compatibility_score": pa.array(scores[src, pos], pa.float32()),
+        "group_id": pa.array([group.group_id] * m, pa.string()),
+        "domain_id": pa.array([group.domain_id] * m, pa.string()),
+        "processing_cycle_id": pa.array([cycle_id] * m, pa.string()),
+        "reference_id": sources,
+        "matched_reference_id": targets,
+        "compatibility_score": pa.array(kept, pa.float32()),
     })
 
 

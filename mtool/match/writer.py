@@ -24,18 +24,23 @@ from mtool.pipeline import WorkerFailed, _worker_setup
 POLL_SECONDS = 0.2
 
 
-def _edges_payload(args, order, neighbors, scores, start: int, stamp: int) -> tuple[bytes, int]:
+def edge_columns(refs, rows, neighbors, scores):
+    """(reference ids, matched reference ids, scores) of the kept edges of query nodes `rows`
+    (node indices) whose top-K are `neighbors`/`scores`; `refs`: the group's ids (Arrow)."""
     import pyarrow as pa
 
+    src, pos = np.nonzero(neighbors >= 0)
+    return refs.take(pa.array(rows[src])), refs.take(pa.array(neighbors[src, pos])), scores[src, pos]
+
+
+def _edges_payload(args, rows, neighbors, scores, start: int, stamp: int) -> tuple[bytes, int]:
     from mtool import contract
 
-    refs = args["refs"]
-    src, pos = np.nonzero(neighbors >= 0)
-    m = len(src)
+    sources, targets, kept = edge_columns(args["refs"], rows, neighbors, scores)
+    m = len(kept)
     payload = contract.encode_load_rows(
         start * neighbors.shape[1] + np.arange(m, dtype=np.int64),
-        args["group_id"], contract.uuid_matrix([args["domain_id"]]), args["cycle_id"],
-        refs.take(pa.array(order[src])), refs.take(pa.array(neighbors[src, pos])), scores[src, pos],
+        args["group_id"], contract.uuid_matrix([args["domain_id"]]), args["cycle_id"], sources, targets, kept,
         np.full(m, stamp, np.int64))
     return payload, m
 
