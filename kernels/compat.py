@@ -29,6 +29,18 @@ class Features:
     multi: list = field(default_factory=list)  # (bitsets, has_key, weight, required)
     embedding: tuple | None = None  # (unit vectors, has, weight)
 
+    def take(self, index) -> "Features":
+        """The nodes `index` (an array of node indices) as a new bundle, in that order. The
+        engine renumbers a pool list by list with it, so that a query's candidates (a few
+        lists) are read from a few contiguous rows instead of all over memory: gathering
+        64-dim embeddings at random positions of a 1M-node group cost ~215 ns per pair."""
+        return Features(
+            [(codes[index], w, r) for codes, w, r in self.categorical],
+            [(values[index], s, w, r) for values, s, w, r in self.numeric],
+            [(bits[index], has[index], w, r) for bits, has, w, r in self.multi],
+            None if self.embedding is None else
+            (self.embedding[0][index], self.embedding[1][index], self.embedding[2]))
+
 
 def array_module(array):
     try:
@@ -127,18 +139,26 @@ def pair_scores(f: Features, q, c):
 def top_k(scores, candidates, rank, k: int):
     """The k best candidates per row: highest score, ties by lower `rank` (the rank of the
     candidate's reference_id in byte order), so every device returns the same answer.
-    Returns (indices, scores), each (B, k), with -1 / -inf where fewer than k remain."""
+    Returns (indices, scores), each (B, k), with -1 / -inf where fewer than k remain.
+
+    One sort key per pair: scores are rounded to SCORE_DECIMALS in [0, 1], so the score in
+    millionths (descending) and the rank fit one int64; one partial sort of it replaces two
+    stable argsorts (2x faster at 81 candidates per row)."""
     xp = array_module(scores)
-    by_rank = xp.argsort(rank[candidates], axis=1)
-    candidates = xp.take_along_axis(candidates, by_rank, axis=1)
-    scores = xp.take_along_axis(scores, by_rank, axis=1)
-    by_score = xp.argsort(-scores, axis=1, kind="stable")[:, :k]
-    best = xp.take_along_axis(candidates, by_score, axis=1)
-    best_scores = xp.take_along_axis(scores, by_score, axis=1)
-    missing = xp.isinf(best_scores)
+    units = 10**SCORE_DECIMALS
+    excluded = xp.isinf(scores)
+    behind = xp.where(excluded, units + 1, units - xp.rint(scores.astype(xp.float64) * units)).astype(xp.int64)
+    key = (behind << 32) | rank[candidates].astype(xp.int64)
+    if key.shape[1] > k:
+        part = xp.argpartition(key, k - 1, axis=1)[:, :k]
+        key_k = xp.take_along_axis(key, part, axis=1)
+        by_key = xp.take_along_axis(part, xp.argsort(key_k, axis=1), axis=1)
+    else:
+        by_key = xp.argsort(key, axis=1)
+    best = xp.take_along_axis(candidates, by_key, axis=1)
+    best_scores = xp.take_along_axis(scores, by_key, axis=1)
     if best.shape[1] < k:  # fewer candidates than k: pad
         pad = k - best.shape[1]
         best = xp.concatenate([best, xp.full((best.shape[0], pad), -1, best.dtype)], axis=1)
         best_scores = xp.concatenate([best_scores, xp.full((best.shape[0], pad), EXCLUDED, xp.float32)], axis=1)
-        missing = xp.isinf(best_scores)
-    return xp.where(missing, -1, best), best_scores
+    return xp.where(xp.isinf(best_scores), -1, best), best_scores

@@ -49,7 +49,7 @@ class MatchOptions:
     cycle_id: str | None = None
     output: str | None = None  # a .parquet path: write matches there instead of the database
     oversample: int = 4  # candidates per kept match: recall@20 >= 0.99 at 100k and 1M nodes (benchmarks/match.py)
-    block_rows: int = 4096
+    block_rows: int = 16384  # bigger blocks: bigger matrix products in the list join (1M nodes: 4096 -> 16384 1.3x faster)
     staging_dir: str = "."
     threads: int | None = None  # compute threads per group process (default: CPUs / workers)
     workers: int = 1  # groups processed at once, each in its own process (1: inline)
@@ -299,7 +299,7 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     os.makedirs(os.path.join(staging, "done"), exist_ok=True)
     block = opts.block_rows
     vecs = None
-    plans = []  # (queries in processing order, pool, join, probes indexed by node)
+    plans = []  # [queries in processing order, pool (in list order), join, probes indexed by node, pool offset]
     for queries, pool in _sides(profile, group):
         if len(queries) == 0 or len(pool) == 0:
             continue
@@ -313,9 +313,22 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
             by_list = np.argsort(probes[:, 0], kind="stable")  # neighbours share lists: cache-friendly blocks
             node_probes = np.empty((n, probes.shape[1]), probes.dtype)  # by node: valid for a saved order too
             node_probes[queries] = probes
-            queries, probes = queries[by_list], node_probes
+            queries, probes, pool = queries[by_list], node_probes, pool[join.order]
             stats["graph_build_s"] = stats.get("graph_build_s", 0.0) + time.monotonic() - t_build
-        plans.append((queries, pool, join, probes))
+        plans.append([queries, pool, join, probes, 0])
+    # Work order: the nodes renumbered so that each pool is contiguous and in list order. A
+    # query's candidates (a few lists) are then a few runs of adjacent rows of the features:
+    # at 1M nodes, gathering them from random rows made rescoring ~4x slower.
+    work_parts, placed = [], np.zeros(n, bool)
+    for plan in plans:
+        pool = plan[1]
+        if not placed[pool].any():  # symmetric: one pool; bipartite: two disjoint ones
+            plan[4] = sum(len(w) for w in work_parts)
+            work_parts.append(pool)
+            placed[pool] = True
+    work = np.concatenate(work_parts + [np.flatnonzero(~placed)])
+    position = np.empty(n, np.int64)
+    position[work] = np.arange(n)
     order_path = os.path.join(staging, "order.npy")
     if os.path.exists(order_path):
         order = np.load(order_path)
@@ -335,8 +348,8 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
 
     staged_nb = array("neighbors.zarr", "int32", -1)
     staged_sc = array("scores.zarr", "float32", float("-inf"))
-    dev_features = _to_device(features, xp)
-    rank = xp.arange(n, dtype=xp.int64)  # nodes are sorted by reference_id: index == rank
+    dev_features = _to_device(features.take(work), xp)
+    rank = xp.asarray(work)  # nodes are sorted by reference_id: a node's index is its rank
     compat.prepare(dev_features, xp)  # once, before the block threads share it
 
     def run_block(b: int) -> float:
@@ -344,14 +357,19 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         start, stop = b * block, min(len(order), (b + 1) * block)
         out_nb = np.full((stop - start, k), -1, np.int32)
         out_sc = np.full((stop - start, k), -np.inf, np.float32)
-        for p, (_, pool, join, probes) in enumerate(plans):
+        for p, (_, pool, join, probes, offset) in enumerate(plans):
             lo, hi = max(start, plan_starts[p]), min(stop, plan_starts[p + 1])
             if lo >= hi:
                 continue
             queries = order[lo:hi]  # the saved order: a resumed run's blocks mean the same nodes
-            nb, sc = _top_k_for(queries, None if probes is None else probes[queries], pool, join, vecs,
-                                dev_features, rank, k, opts, xp, not profile.bipartite)
-            out_nb[lo - start:hi - start], out_sc[lo - start:hi - start] = nb, sc
+            found = None
+            if join is not None:
+                count = min(len(pool), k * opts.oversample + (1 if not profile.bipartite else 0))
+                found = join.search(vecs[queries], probes[queries], count)
+            nb, sc = _top_k_for(position[queries], found, offset, len(pool), dev_features, rank, k, xp,
+                                not profile.bipartite)
+            out_nb[lo - start:hi - start] = np.where(nb >= 0, work[np.maximum(nb, 0)], -1)
+            out_sc[lo - start:hi - start] = sc
         staged_nb[start:stop] = out_nb
         staged_sc[start:stop] = out_sc
         with open(os.path.join(staging, "done", f"{b}"), "w"):
@@ -396,22 +414,24 @@ def _one_thread() -> None:
 RESCORE_ROWS = 1024  # queries rescored at once: keeps the gathered candidate features in cache
 
 
-def _top_k_for(queries, probes, pool, join, vecs, features, rank, k, opts, xp, symmetric):
+def _top_k_for(queries, found, offset, pool_size, features, rank, k, xp, symmetric):
+    """Top-K of `queries` (work positions) among their candidates: the whole pool (the rows
+    offset..offset+pool_size) when `found` is None, else `found`, list-order positions in the
+    pool (-1: none). Returns work positions and scores."""
     from mtool.device import to_host
 
     nbs, scs = [], []
-    if join is None:
-        step = max(1, PAIR_BUDGET // max(1, len(pool)))
+    if found is None:
+        step = max(1, PAIR_BUDGET // max(1, pool_size))
+        pool = xp.arange(offset, offset + pool_size)
         for s in range(0, len(queries), step):
             q = xp.asarray(queries[s:s + step])
-            c = xp.broadcast_to(xp.asarray(pool)[None, :], (len(q), len(pool)))
-            nb, sc = _rescore(q, c, features, rank, k, xp, symmetric)
+            nb, sc = _rescore(q, xp.broadcast_to(pool[None, :], (len(q), pool_size)), features, rank, k, xp, symmetric)
             nbs.append(to_host(nb))
             scs.append(to_host(sc))
         return np.concatenate(nbs), np.concatenate(scs)
-    count = min(len(pool), k * opts.oversample + (1 if symmetric else 0))
-    found = join.search(vecs[queries], probes, count)
-    cand = np.where(found >= 0, pool[np.maximum(found, 0)], -1)
+    # Sorted by row, each query reads its candidates' features in address order (3x faster).
+    cand = np.sort(np.where(found >= 0, offset + found, -1), axis=1)
     for s in range(0, len(queries), RESCORE_ROWS):
         nb, sc = _rescore(xp.asarray(queries[s:s + RESCORE_ROWS]), xp.asarray(cand[s:s + RESCORE_ROWS]), features,
                           rank, k, xp, symmetric)
