@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -16,8 +18,17 @@ BENCH_SETTINGS = {**FAST_SETTINGS, "max_wal_size": "8GB", "maintenance_work_mem"
                   "work_mem": "256MB", "checkpoint_timeout": "30min"}
 
 
+def scratch_dir(prefix: str) -> str:
+    """A temporary directory removed when the benchmark exits (data directories of a few GB
+    each otherwise pile up in /tmp run after run)."""
+    path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def start_postgres(port: int) -> LocalPostgres:
-    root = Path(tempfile.mkdtemp(prefix="mtool-bench-pg-", dir="/tmp"))
+    """A throwaway server; its data directory goes at exit (stop the server before)."""
+    root = Path(scratch_dir("mtool-bench-pg-"))
     os.chmod(root, 0o755)
     server = LocalPostgres(root, tcp_port=port, settings=BENCH_SETTINGS)
     server.start()

@@ -16,7 +16,6 @@ import json
 import os
 import socket
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -26,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _util import BENCH_SETTINGS, run_measured, start_postgres  # noqa: E402
+from _util import BENCH_SETTINGS, run_measured, scratch_dir, start_postgres  # noqa: E402
 
 from mtool import copy as pgcopy  # noqa: E402
 from mtool import samples  # noqa: E402
@@ -146,7 +145,7 @@ def bench_mtool(server, parquet_path: str, workers: int | None) -> tuple[float, 
     cmd = [sys.executable, "-m", "mtool.cli", "--dsn", dsn, "--log-format", "json", "ingest", parquet_path, "--json"]
     if workers:
         cmd += ["--workers", str(workers)]
-    proc, wall, peak_mb = run_measured(cmd, {"MTOOL_HOME": tempfile.mkdtemp(dir="/tmp")})
+    proc, wall, peak_mb = run_measured(cmd, {"MTOOL_HOME": scratch_dir("mtool-bench-home-")})
     if proc.returncode != 0:
         raise SystemExit(f"mtool ingest failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout)
@@ -168,7 +167,7 @@ def main() -> None:
     ap.add_argument("--skip-plain", action="store_true", help="skip (b), the slowest contender")
     args = ap.parse_args()
 
-    work = tempfile.mkdtemp(prefix="mtool-bench-", dir="/tmp")
+    work = scratch_dir("mtool-bench-")
     os.chmod(work, 0o755)
     parquet_path = os.path.join(work, "matches.parquet")
     t0 = time.perf_counter()

@@ -14,7 +14,6 @@ import json
 import os
 import socket
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -22,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _util import run_measured, start_postgres  # noqa: E402
+from _util import run_measured, scratch_dir, start_postgres  # noqa: E402
 
 from mtool import samples  # noqa: E402
 from mtool.db import migrations  # noqa: E402
@@ -59,7 +58,7 @@ def main() -> None:
     ap.add_argument("--gib", type=float, default=1.2)
     ap.add_argument("--row-group-rows", type=int, default=2_000_000)
     args = ap.parse_args()
-    work = tempfile.mkdtemp(prefix="mtool-bench-mem-", dir="/tmp")
+    work = scratch_dir("mtool-bench-mem-")
     path = os.path.join(work, "big.parquet")
     t0 = time.perf_counter()
     rows = write_big_file(path, args.gib, args.row_group_rows)

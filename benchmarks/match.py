@@ -16,12 +16,13 @@ import argparse
 import os
 import resource
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from _util import scratch_dir  # noqa: E402
 from mtool.device import Device  # noqa: E402
 from mtool.kernels import compat  # noqa: E402
 from mtool.match import encode as enc  # noqa: E402
@@ -73,7 +74,8 @@ def main() -> None:
     print(f"exact top-{k} of {len(queries)} sample queries by true compatibility: {time.perf_counter() - t:.1f} s",
           flush=True)
 
-    opts = engine.MatchOptions(profile, Device.CPU, oversample=args.oversample, staging_dir=tempfile.mkdtemp())
+    opts = engine.MatchOptions(profile, Device.CPU, oversample=args.oversample,
+                               staging_dir=scratch_dir("mtool-bench-match-"))
     t = time.perf_counter()
     nb, _ = engine.stage_matches(opts, profile, nodes, features, os.path.join(opts.staging_dir, "bench"))
     dt = time.perf_counter() - t

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+import dataclasses
 
 import click
 
@@ -475,19 +476,31 @@ def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, 
                                block_rows=block_rows, staging_dir=os.path.join(state_dir(), "staging"),
                                workers=max(1, workers), metrics=metrics)
 
-    planned = {"groups": 0, "done": 0}
+    # Progress in nodes: blocks of a group as they finish (inline), whole groups as they end.
+    planned = {"nodes": 0, "done": 0}
+    shown_of_group: dict = {}
+    import threading
 
-    with ProgressReporter("groups") as bar:
-        def progress(result):
-            planned["done"] += 1
+    counting = threading.Lock()  # blocks finish on several compute threads
+
+    with ProgressReporter("nodes") as bar:
+        def block_done(count):
+            with counting:
+                planned["done"] += count
+                shown_of_group["current"] = shown_of_group.get("current", 0) + count
+                bar(min(planned["done"], planned["nodes"]), planned["nodes"])
+
+        def group_done(result):
+            planned["done"] += max(0, result.nodes - shown_of_group.pop("current", 0))
             log.info("group %s: %s (%d nodes, %d edges, %.1f s)%s", result.group_id, result.status, result.nodes,
                      result.edges, result.seconds, f": {result.error}" if result.error else "",
                      extra={"group_id": result.group_id, "cycle_id": result.cycle_id})
-            bar(planned["done"], planned["groups"])
+            bar(min(planned["done"], planned["nodes"]), planned["nodes"])
 
+        opts = dataclasses.replace(opts, on_nodes=block_done)
         try:
-            summary = engine.run(obj.database(), opts, on_group=progress,
-                                 on_plan=lambda count: planned.update(groups=count))
+            summary = engine.run(obj.database(), opts, on_group=group_done,
+                                 on_plan=lambda groups, nodes: planned.update(nodes=nodes))
         finally:
             if metrics:
                 metrics.export(metrics_textfile, pushgateway, job="mtool_match")

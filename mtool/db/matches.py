@@ -82,6 +82,9 @@ def is_prepared(conn, table: str) -> bool:
                              (f'{STAGE_SCHEMA}."{table}"',)).fetchone()[0])
 
 
+KEY_BUILD_MEMORY = "512MB"
+
+
 def prepare_for_swap(conn, group_id: str, table: str, include_existing: bool) -> int:
     """Turn a load table into a ready partition (key, partition check), in one transaction;
     returns its row count. Idempotent: a prepared table is left as it is."""
@@ -93,6 +96,10 @@ def prepare_for_swap(conn, group_id: str, table: str, include_existing: bool) ->
             cols = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
             conn.execute(sql.SQL("INSERT INTO {} (seq, {}) SELECT {}, {} FROM {}").format(
                 load, cols, sql.Literal(EXISTING_ROW_SEQ), cols, partition_ident(group_id)))
+        # The key's sort in memory, not in temporary files (the server default is 64MB); a server
+        # configured higher keeps its setting.
+        conn.execute("SELECT set_config('maintenance_work_mem', %s, true) WHERE pg_size_bytes("
+                     "current_setting('maintenance_work_mem')) < pg_size_bytes(%s)", (KEY_BUILD_MEMORY, KEY_BUILD_MEMORY))
         add_key = sql.SQL("ALTER TABLE {} ADD PRIMARY KEY (group_id, reference_id, matched_reference_id)").format(load)
         try:
             with conn.transaction():  # a savepoint: duplicates are the exception, found by the key build

@@ -54,6 +54,7 @@ class MatchOptions:
     threads: int | None = None  # compute threads per group process (default: CPUs / workers)
     workers: int = 1  # groups processed at once, each in its own process (1: inline)
     metrics: object = None  # mtool.metrics.MatchMetrics (kept in the parent)
+    on_nodes: object = None  # on_nodes(count) as each block of `count` query nodes is done (inline runs only)
 
 
 @dataclass
@@ -90,8 +91,8 @@ def in_shard(group_id: str, shard: tuple) -> bool:
 
 
 def run(db: Database, opts: MatchOptions, on_group=None, on_plan=None) -> MatchSummary:
-    """Match every selected group; on_plan(count) once the groups are known, on_group(result)
-    after each."""
+    """Match every selected group; on_plan(groups, nodes) once the groups are known,
+    on_group(result) after each (and opts.on_nodes as blocks finish, when groups run inline)."""
     from mtool.db import migrations
 
     summary = MatchSummary()
@@ -104,7 +105,7 @@ def run(db: Database, opts: MatchOptions, on_group=None, on_plan=None) -> MatchS
                                "`mtool nodes import`")
         mine = [g for g in groups if in_shard(g[0], opts.shard)]
         if on_plan:
-            on_plan(len(mine))
+            on_plan(len(mine), sum(count for _, _, count in mine))
         if mine:
             session.run(lambda c: check_profile_fits(c, opts.profile, [g for g, _, _ in mine]), "check profile")
     finally:
@@ -130,7 +131,7 @@ def run(db: Database, opts: MatchOptions, on_group=None, on_plan=None) -> MatchS
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from dataclasses import replace
 
-    per_process = replace(opts, metrics=None, threads=opts.threads or max(1, (os.cpu_count() or 1) // opts.workers))
+    per_process = replace(opts, metrics=None, on_nodes=None, threads=opts.threads or max(1, (os.cpu_count() or 1) // opts.workers))
     with ProcessPoolExecutor(max_workers=opts.workers, mp_context=mp.get_context("spawn")) as pool:
         futures = [pool.submit(match_group, db, per_process, gid, did) for gid, did, _ in mine]
         for future in as_completed(futures):
@@ -376,6 +377,8 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
             pass
         if on_block:
             on_block(b)
+        if opts.on_nodes:
+            opts.on_nodes(stop - start)
         faults.crash_point("match-block-done")
         return time.monotonic() - t_block
 
@@ -384,6 +387,8 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     if on_block:  # resuming: blocks a killed run finished are fed again (the load table is new)
         for b in sorted(set(blocks) - set(todo)):
             on_block(b)
+    if opts.on_nodes and len(todo) < len(blocks):
+        opts.on_nodes(len(order) - sum(min(len(order), (b + 1) * block) - b * block for b in todo))
     threads = 1 if xp is not np else max(1, opts.threads or os.cpu_count() or 1)
     if threads == 1 or len(todo) <= 1:
         stats.setdefault("block_seconds", []).extend(run_block(b) for b in todo)

@@ -196,7 +196,8 @@ def test_killed_approximate_run_resumes_to_the_uninterrupted_result(dsn, files):
     rows = make_nodes(EXACT_MAX + 2000, group(9), DOMAIN, seed=9)
     run_mtool(["nodes", "import", nodes_file(files, rows)], dsn, check_rc=0)
     args = ["match", "--profile", profile_file(files), "--block-rows", "1000"]
-    run_mtool(args, dsn, check_rc=0)
+    proc = run_mtool(args, dsn, check_rc=0)
+    assert f"progress: 1000/{len(rows)} nodes" in proc.stderr  # progress within the group, block by block
     uninterrupted, first_cycle = stored_matches(dsn, group(9))
     assert len(uninterrupted) == len(rows)
     assert all(len(lst) == PROFILE["k"] and ref not in {m for m, _ in lst} for ref, lst in uninterrupted.items())
