@@ -98,8 +98,9 @@ def prepare_for_swap(conn, group_id: str, table: str, include_existing: bool) ->
                 load, cols, sql.Literal(EXISTING_ROW_SEQ), cols, partition_ident(group_id)))
         # The key's sort in memory, not in temporary files (the server default is 64MB); a server
         # configured higher keeps its setting.
-        conn.execute("SELECT set_config('maintenance_work_mem', %s, true) WHERE pg_size_bytes("
-                     "current_setting('maintenance_work_mem')) < pg_size_bytes(%s)", (KEY_BUILD_MEMORY, KEY_BUILD_MEMORY))
+        conn.execute("SELECT set_config('maintenance_work_mem', %s, true) WHERE "
+                     "pg_size_bytes(current_setting('maintenance_work_mem')) < pg_size_bytes(%s)",
+                     (KEY_BUILD_MEMORY, KEY_BUILD_MEMORY))
         add_key = sql.SQL("ALTER TABLE {} ADD PRIMARY KEY (group_id, reference_id, matched_reference_id)").format(load)
         try:
             with conn.transaction():  # a savepoint: duplicates are the exception, found by the key build

@@ -49,7 +49,7 @@ class MatchOptions:
     cycle_id: str | None = None
     output: str | None = None  # a .parquet path: write matches there instead of the database
     oversample: int = 4  # candidates per kept match: recall@20 >= 0.99 at 100k and 1M nodes (benchmarks/match.py)
-    block_rows: int = 16384  # bigger blocks: bigger matrix products in the list join (1M nodes: 4096 -> 16384 1.3x faster)
+    block_rows: int = 16384  # bigger blocks, bigger list-join matrix products (1M nodes: 1.3x faster than 4096)
     staging_dir: str = "."
     threads: int | None = None  # compute threads per group process (default: CPUs / workers)
     workers: int = 1  # groups processed at once, each in its own process (1: inline)
@@ -131,7 +131,8 @@ def run(db: Database, opts: MatchOptions, on_group=None, on_plan=None) -> MatchS
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from dataclasses import replace
 
-    per_process = replace(opts, metrics=None, on_nodes=None, threads=opts.threads or max(1, (os.cpu_count() or 1) // opts.workers))
+    per_process = replace(opts, metrics=None, on_nodes=None,
+                          threads=opts.threads or max(1, (os.cpu_count() or 1) // opts.workers))
     with ProcessPoolExecutor(max_workers=opts.workers, mp_context=mp.get_context("spawn")) as pool:
         futures = [pool.submit(match_group, db, per_process, gid, did) for gid, did, _ in mine]
         for future in as_completed(futures):
