@@ -477,8 +477,7 @@ def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, 
                                workers=max(1, workers), metrics=metrics)
 
     # Progress in nodes: blocks of a group as they finish (inline), whole groups as they end.
-    planned = {"nodes": 0, "done": 0}
-    shown_of_group: dict = {}
+    planned = {"nodes": 0, "done": 0, "in_group": 0}  # in_group: nodes shown for the running group
     import threading
 
     counting = threading.Lock()  # blocks finish on several compute threads
@@ -487,11 +486,12 @@ def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, 
         def block_done(count):
             with counting:
                 planned["done"] += count
-                shown_of_group["current"] = shown_of_group.get("current", 0) + count
+                planned["in_group"] += count
                 bar(min(planned["done"], planned["nodes"]), planned["nodes"])
 
         def group_done(result):
-            planned["done"] += max(0, result.nodes - shown_of_group.pop("current", 0))
+            planned["done"] += max(0, result.nodes - planned["in_group"])
+            planned["in_group"] = 0
             log.info("group %s: %s (%d nodes, %d edges, %.1f s)%s", result.group_id, result.status, result.nodes,
                      result.edges, result.seconds, f": {result.error}" if result.error else "",
                      extra={"group_id": result.group_id, "cycle_id": result.cycle_id})

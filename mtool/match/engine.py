@@ -385,11 +385,12 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
 
     blocks = range(-(-len(order) // block))
     todo = [b for b in blocks if not os.path.exists(os.path.join(staging, "done", f"{b}"))]
+    finished = sorted(set(blocks) - set(todo))  # by a killed run
     if on_block:  # resuming: blocks a killed run finished are fed again (the load table is new)
-        for b in sorted(set(blocks) - set(todo)):
+        for b in finished:
             on_block(b)
-    if opts.on_nodes and len(todo) < len(blocks):
-        opts.on_nodes(len(order) - sum(min(len(order), (b + 1) * block) - b * block for b in todo))
+    if opts.on_nodes and finished:  # and count as progress
+        opts.on_nodes(sum(min(len(order), (b + 1) * block) - b * block for b in finished))
     threads = 1 if xp is not np else max(1, opts.threads or os.cpu_count() or 1)
     if threads == 1 or len(todo) <= 1:
         stats.setdefault("block_seconds", []).extend(run_block(b) for b in todo)
