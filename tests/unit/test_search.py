@@ -1,0 +1,50 @@
+"""The list join's pieces against brute force: which lists a query probes, and which
+candidates it keeps from them (the exact best by inner product over its probed lists)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mtool.match import search
+
+
+def clustered(n: int, d: int = 24, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(max(4, n // 400), d)).astype(np.float32)
+    return (centres[rng.integers(0, len(centres), n)] + 0.7 * rng.normal(size=(n, d))).astype(np.float32)
+
+
+@pytest.mark.parametrize("width", [90, 512, 600, 1300])
+def test_kth_largest_matches_a_full_sort(width):
+    scores = np.random.default_rng(width).normal(size=(50, width)).astype(np.float32)
+    assert np.array_equal(search._kth_largest(scores, 81), np.sort(scores, axis=1)[:, -81])
+
+
+def test_probes_are_the_nearest_lists_within_the_margin():
+    vectors = clustered(20_000)
+    join = search.ListJoin(vectors)
+    assert join.nlist > search.PROBE_MAX  # the cap applies
+    queries = vectors[::97]
+    probes = join.probes(queries)
+    scores = queries @ join.centroid_vectors.T
+    for q, row in enumerate(probes):
+        ranked = np.argsort(-scores[q], kind="stable")
+        reach = scores[q, ranked[0]] - search.PROBE_MARGIN * float(queries[q] @ queries[q])
+        expected = [lst for i, lst in enumerate(ranked[:join.probe_max])
+                    if i < search.PROBE_MIN or scores[q, lst] >= reach]
+        assert row[:len(expected)].tolist() == expected
+        assert (row[len(expected):] == -1).all()
+
+
+def test_search_keeps_the_best_candidates_of_the_probed_lists():
+    vectors = clustered(20_000, seed=1)
+    join = search.ListJoin(vectors)
+    queries = np.arange(0, len(vectors), 13)
+    probes = join.pool_probes[queries]
+    found = join.search(vectors[queries], probes, 81)
+    for q, lists, kept in zip(queries, probes, found):
+        members = np.concatenate([np.arange(join.starts[lst], join.starts[lst + 1]) for lst in lists[lists >= 0]])
+        scores = join.vectors[members] @ vectors[q]
+        best = members[np.argsort(-scores, kind="stable")[:81]]
+        assert set(kept.tolist()) == set(best.tolist())
