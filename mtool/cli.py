@@ -442,7 +442,7 @@ def nodes_import(obj, uris, group_id, domain_id, mapping, max_rejects, rejects_f
 @opt("--cycle-id", help="Cycle id (default: resume the group's unfinished cycle, else a new one).")
 @opt("--output", default="postgres", show_default=True,
      help="postgres, or PATH.parquet: write matches as Parquet shards (import contract) instead.")
-@opt("--block-rows", type=int, default=65536, show_default=True,
+@opt("--block-rows", type=int, default=16384, show_default=True,
      help="Query nodes per staging chunk: the unit of resume and of memory.")
 @opt("--metrics-textfile", type=click.Path(dir_okay=False), help="Write Prometheus metrics here at the end.")
 @opt("--pushgateway", help="Push Prometheus metrics to this Pushgateway URL at the end.")

@@ -49,7 +49,7 @@ class MatchOptions:
     cycle_id: str | None = None
     output: str | None = None  # a .parquet path: write matches there instead of the database
     oversample: int = 4  # candidates per kept match: recall@20 >= 0.99 at 100k and 1M nodes (benchmarks/match.py)
-    block_rows: int = 65536  # bigger blocks, bigger list-join matrix products (1M nodes: 4096 -> 16384 1.3x, -> 65536 1.15x)
+    block_rows: int = 16384  # staging chunk (resume unit); search batches join up to 4 (SEARCH_ROWS)
     staging_dir: str = "."
     threads: int | None = None  # compute threads per group process (default: CPUs / workers)
     workers: int = 1  # groups processed at once, each in its own process (1: inline)
@@ -318,6 +318,8 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
             queries, probes, pool = queries[by_list], node_probes, pool[join.order]
             stats["graph_build_s"] = stats.get("graph_build_s", 0.0) + time.monotonic() - t_build
         plans.append([queries, pool, join, probes, 0])
+    if not profile.bipartite:
+        vecs = None  # the join's list-order copy serves the queries too (376 MB less at 1M nodes)
     # Work order: the nodes renumbered so that each pool is contiguous and in list order. A
     # query's candidates (a few lists) are then a few runs of adjacent rows of the features:
     # at 1M nodes, gathering them from random rows made rescoring ~4x slower.
@@ -354,34 +356,49 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     rank = xp.asarray(work)  # nodes are sorted by reference_id: a node's index is its rank
     compat.prepare(dev_features, xp)  # once, before the block threads share it
 
-    def run_block(b: int) -> float:
-        t_block = time.monotonic()
-        start, stop = b * block, min(len(order), (b + 1) * block)
-        out_nb = np.full((stop - start, k), -1, np.int32)
-        out_sc = np.full((stop - start, k), -np.inf, np.float32)
-        for p, (_, pool, join, probes, offset) in enumerate(plans):
-            lo, hi = max(start, plan_starts[p]), min(stop, plan_starts[p + 1])
-            if lo >= hi:
-                continue
-            queries = order[lo:hi]  # the saved order: a resumed run's blocks mean the same nodes
-            found = None
-            if join is not None:
+    def run_batch(batch: list) -> list:
+        """Consecutive blocks searched as one (bigger list-join matrix products: at 1M nodes,
+        65,536 query rows searched together took 0.75x the time of 16,384), then rescored,
+        staged and marked done block by block. A query's candidates depend on its own probes
+        only, so the grouping of blocks does not change the result. Returns each block's
+        seconds (the batch's time shared out)."""
+        t_batch = time.monotonic()
+        first, last = batch[0] * block, min(len(order), (batch[-1] + 1) * block)
+        found = {}  # plan -> (first row, candidates of rows first..)
+        for p, (_, pool, join, probes, _) in enumerate(plans):
+            lo, hi = max(first, plan_starts[p]), min(last, plan_starts[p + 1])
+            if lo < hi and join is not None:
+                queries = order[lo:hi]  # the saved order: a resumed run's blocks mean the same nodes
                 count = min(len(pool), k * opts.oversample + (1 if not profile.bipartite else 0))
-                found = join.search(vecs[queries], probes[queries], count)
-            nb, sc = _top_k_for(position[queries], found, offset, len(pool), dev_features, rank, k, xp,
-                                not profile.bipartite)
-            out_nb[lo - start:hi - start] = np.where(nb >= 0, work[np.maximum(nb, 0)], -1)
-            out_sc[lo - start:hi - start] = sc
-        staged_nb[start:stop] = out_nb
-        staged_sc[start:stop] = out_sc
-        with open(os.path.join(staging, "done", f"{b}"), "w"):
-            pass
-        if on_block:
-            on_block(b)
-        if opts.on_nodes:
-            opts.on_nodes(stop - start)
-        faults.crash_point("match-block-done")
-        return time.monotonic() - t_block
+                # symmetric: the queries are the pool, whose vectors the join holds in list order
+                qv = vecs[queries] if vecs is not None else join.vectors[position[queries] - plans[p][4]]
+                found[p] = (lo, join.search(qv, probes[queries], count))
+        for b in batch:
+            start, stop = b * block, min(len(order), (b + 1) * block)
+            out_nb = np.full((stop - start, k), -1, np.int32)
+            out_sc = np.full((stop - start, k), -np.inf, np.float32)
+            for p, (_, pool, _, _, offset) in enumerate(plans):
+                lo, hi = max(start, plan_starts[p]), min(stop, plan_starts[p + 1])
+                if lo >= hi:
+                    continue
+                candidates = None
+                if p in found:
+                    at, rows = found[p]
+                    candidates = rows[lo - at:hi - at]
+                nb, sc = _top_k_for(position[order[lo:hi]], candidates, offset, len(pool), dev_features, rank, k,
+                                    xp, not profile.bipartite)
+                out_nb[lo - start:hi - start] = np.where(nb >= 0, work[np.maximum(nb, 0)], -1)
+                out_sc[lo - start:hi - start] = sc
+            staged_nb[start:stop] = out_nb
+            staged_sc[start:stop] = out_sc
+            with open(os.path.join(staging, "done", f"{b}"), "w"):
+                pass
+            if on_block:
+                on_block(b)
+            if opts.on_nodes:
+                opts.on_nodes(stop - start)
+            faults.crash_point("match-block-done")
+        return [(time.monotonic() - t_batch) / len(batch)] * len(batch)
 
     blocks = range(-(-len(order) // block))
     todo = [b for b in blocks if not os.path.exists(os.path.join(staging, "done", f"{b}"))]
@@ -392,15 +409,19 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     if opts.on_nodes and finished:  # and count as progress
         opts.on_nodes(sum(min(len(order), (b + 1) * block) - b * block for b in finished))
     threads = 1 if xp is not np else max(1, opts.threads or os.cpu_count() or 1)
-    if threads == 1 or len(todo) <= 1:
-        stats.setdefault("block_seconds", []).extend(run_block(b) for b in todo)
+    batches = _batches(todo, per_batch=max(1, min(SEARCH_ROWS // block, -(-len(todo) // (2 * threads)))))
+    seconds = stats.setdefault("block_seconds", [])
+    if threads == 1 or len(batches) <= 1:
+        for batch in batches:
+            seconds.extend(run_batch(batch))
     else:
         from concurrent.futures import ThreadPoolExecutor
 
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(1), ThreadPoolExecutor(threads, initializer=_one_thread) as pool:
-            stats.setdefault("block_seconds", []).extend(pool.map(run_block, todo))
+            for done in pool.map(run_batch, batches):
+                seconds.extend(done)
     if not want_result:
         return None, None
     neighbors = np.full((n, k), -1, np.int32)
@@ -409,6 +430,21 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         neighbors[order] = staged_nb[: len(order)]
         scores[order] = staged_sc[: len(order)]
     return neighbors, scores
+
+
+SEARCH_ROWS = 65_536  # query rows searched at once at most (consecutive staging blocks)
+
+
+def _batches(todo: list, per_batch: int) -> list:
+    """Runs of consecutive block numbers, at most `per_batch` long (two batches per thread at
+    least where there are enough blocks, so that no thread idles on the last one)."""
+    out = []
+    for b in todo:
+        if out and out[-1][-1] == b - 1 and len(out[-1]) < per_batch:
+            out[-1].append(b)
+        else:
+            out.append([b])
+    return out
 
 
 def _one_thread() -> None:

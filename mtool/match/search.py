@@ -87,7 +87,7 @@ class ListJoin:
         from threadpoolctl import threadpool_limits
 
         x = np.ascontiguousarray(query_vectors)
-        out = np.full((len(x), self.probe_max), -1, np.int64)
+        out = np.full((len(x), self.probe_max), -1, np.int32)
         with threadpool_limits(1), ThreadPoolExecutor(self.threads) as pool:
             list(pool.map(lambda at: self._probe_rows(x[at:at + PROBE_ROWS], out[at:at + PROBE_ROWS]),
                           range(0, len(x), PROBE_ROWS)))

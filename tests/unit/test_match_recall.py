@@ -34,3 +34,20 @@ def test_approximate_mode_reaches_recall_099(tmp_path):
         hits += len(set(exact) & set(neighbors[q]))
         assert q not in neighbors[q]
     assert hits / (len(queries) * profile.k) >= 0.99
+
+
+def test_block_size_and_search_batches_do_not_change_the_result(tmp_path):
+    """Blocks are the resume unit and are searched in batches of consecutive blocks; neither
+    the block size nor the batching (threads) may change which matches a node gets."""
+    p = popm.population(9_000, seed=5)
+    nodes = GroupNodes("g", "d", p["reference_id"], {c: p[c] for c in ("city", "age", "interests")}, p["embedding"])
+    profile = prof.parse(popm.PROFILE)
+    features = enc.encode(profile, nodes)
+    results = []
+    for block_rows, threads in ((16384, 1), (700, 2), (1000, 1)):
+        opts = engine.MatchOptions(profile, Device.CPU, staging_dir=str(tmp_path), block_rows=block_rows,
+                                   threads=threads)
+        results.append(engine.stage_matches(opts, profile, nodes, features, str(tmp_path / f"g{block_rows}")))
+    for neighbors, scores in results[1:]:
+        assert np.array_equal(neighbors, results[0][0])
+        assert np.array_equal(scores, results[0][1])
