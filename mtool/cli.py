@@ -490,7 +490,9 @@ def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, 
                 bar(min(planned["done"], planned["nodes"]), planned["nodes"])
 
         def group_done(result):
-            planned["done"] += max(0, result.nodes - planned["in_group"])
+            # exact once a group completes, also when a retry had counted its resumed blocks again
+            if result.status == "COMPLETED":
+                planned["done"] += result.nodes - planned["in_group"]
             planned["in_group"] = 0
             log.info("group %s: %s (%d nodes, %d edges, %.1f s)%s", result.group_id, result.status, result.nodes,
                      result.edges, result.seconds, f": {result.error}" if result.error else "",
