@@ -356,48 +356,55 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     rank = xp.asarray(work)  # nodes are sorted by reference_id: a node's index is its rank
     compat.prepare(dev_features, xp)  # once, before the block threads share it
 
-    def run_batch(batch: list) -> list:
-        """Consecutive blocks searched as one (bigger list-join matrix products: at 1M nodes,
-        65,536 query rows searched together took 0.75x the time of 16,384), then rescored,
-        staged and marked done block by block. A query's candidates depend on its own probes
-        only, so the grouping of blocks does not change the result. Returns each block's
-        seconds (the batch's time shared out)."""
-        t_batch = time.monotonic()
-        first, last = batch[0] * block, min(len(order), (batch[-1] + 1) * block)
-        found = {}  # plan -> (first row, candidates of rows first..)
-        for p, (_, pool, join, probes, _) in enumerate(plans):
+    def search(first: int, last: int) -> dict:
+        """Candidates of the rows first..last of the order: {plan: (its first row, candidates)}."""
+        found = {}
+        for p, (_, pool, join, probes, offset) in enumerate(plans):
             lo, hi = max(first, plan_starts[p]), min(last, plan_starts[p + 1])
             if lo < hi and join is not None:
                 queries = order[lo:hi]  # the saved order: a resumed run's blocks mean the same nodes
                 count = min(len(pool), k * opts.oversample + (1 if not profile.bipartite else 0))
                 # symmetric: the queries are the pool, whose vectors the join holds in list order
-                qv = vecs[queries] if vecs is not None else join.vectors[position[queries] - plans[p][4]]
+                qv = vecs[queries] if vecs is not None else join.vectors[position[queries] - offset]
                 found[p] = (lo, join.search(qv, probes[queries], count))
+        return found
+
+    def stage_block(b: int, found: dict) -> None:
+        """Rescore block b's candidates, stage its top K and mark it done."""
+        start, stop = b * block, min(len(order), (b + 1) * block)
+        out_nb = np.full((stop - start, k), -1, np.int32)
+        out_sc = np.full((stop - start, k), -np.inf, np.float32)
+        for p, (_, pool, _, _, offset) in enumerate(plans):
+            lo, hi = max(start, plan_starts[p]), min(stop, plan_starts[p + 1])
+            if lo >= hi:
+                continue
+            candidates = None  # an exact pool: all of it
+            if p in found:
+                at, rows = found[p]
+                candidates = rows[lo - at:hi - at]
+            nb, sc = _top_k_for(position[order[lo:hi]], candidates, offset, len(pool), dev_features, rank, k, xp,
+                                not profile.bipartite)
+            out_nb[lo - start:hi - start] = np.where(nb >= 0, work[np.maximum(nb, 0)], -1)
+            out_sc[lo - start:hi - start] = sc
+        staged_nb[start:stop] = out_nb
+        staged_sc[start:stop] = out_sc
+        with open(os.path.join(staging, "done", f"{b}"), "w"):
+            pass
+        if on_block:
+            on_block(b)
+        if opts.on_nodes:
+            opts.on_nodes(stop - start)
+        faults.crash_point("match-block-done")
+
+    def run_batch(batch: list) -> list:
+        """Consecutive blocks searched as one (bigger list-join matrix products: at 1M nodes,
+        65,536 query rows searched together took 0.75x the time of 16,384), then staged block
+        by block. A query's candidates depend on its own probes only, so the grouping of blocks
+        does not change the result. Returns each block's seconds (the batch's time shared out)."""
+        t_batch = time.monotonic()
+        found = search(batch[0] * block, min(len(order), (batch[-1] + 1) * block))
         for b in batch:
-            start, stop = b * block, min(len(order), (b + 1) * block)
-            out_nb = np.full((stop - start, k), -1, np.int32)
-            out_sc = np.full((stop - start, k), -np.inf, np.float32)
-            for p, (_, pool, _, _, offset) in enumerate(plans):
-                lo, hi = max(start, plan_starts[p]), min(stop, plan_starts[p + 1])
-                if lo >= hi:
-                    continue
-                candidates = None
-                if p in found:
-                    at, rows = found[p]
-                    candidates = rows[lo - at:hi - at]
-                nb, sc = _top_k_for(position[order[lo:hi]], candidates, offset, len(pool), dev_features, rank, k,
-                                    xp, not profile.bipartite)
-                out_nb[lo - start:hi - start] = np.where(nb >= 0, work[np.maximum(nb, 0)], -1)
-                out_sc[lo - start:hi - start] = sc
-            staged_nb[start:stop] = out_nb
-            staged_sc[start:stop] = out_sc
-            with open(os.path.join(staging, "done", f"{b}"), "w"):
-                pass
-            if on_block:
-                on_block(b)
-            if opts.on_nodes:
-                opts.on_nodes(stop - start)
-            faults.crash_point("match-block-done")
+            stage_block(b, found)
         return [(time.monotonic() - t_batch) / len(batch)] * len(batch)
 
     blocks = range(-(-len(order) // block))
