@@ -408,16 +408,11 @@ def nodes_import(obj, uris, group_id, domain_id, mapping, max_rejects, rejects_f
     Columns: reference_id, group_id, domain_id, optional type and embedding (list of floats),
     and metadata as a `metadata` column (map or JSON object string) or every other column.
     """
+    from mtool import contract
     from mtool.match import nodes as node_mod
 
-    pairs = []
-    for pair in mapping:
-        src, sep, dst = pair.partition("=")
-        if not sep:
-            raise UsageError(f"--map {pair!r} is not SRC=DST")
-        pairs.append((src, dst))
-    result = node_mod.import_nodes(obj.database(), uris, group_id, domain_id, tuple(pairs), max_rejects,
-                                   rejects_file)
+    pairs = contract.parse_mapping(mapping, contract=False)  # a usage error before any database work
+    result = node_mod.import_nodes(obj.database(), uris, group_id, domain_id, pairs, max_rejects, rejects_file)
     if as_json:
         click.echo(json.dumps(result.to_json()))
     else:

@@ -79,13 +79,15 @@ EXPECTED = {
 }
 
 
-def parse_mapping(pairs) -> tuple[tuple[str, str], ...]:
+def parse_mapping(pairs, contract: bool = True) -> tuple[tuple[str, str], ...]:
+    """--map SRC=DST options as pairs; DST must be a column of the import contract unless
+    `contract` is false (nodes import: any column, metadata keys included, may be renamed)."""
     out = []
     for pair in pairs or ():
         src, sep, dst = pair.partition("=")
         if not sep or not src or not dst:
             raise UsageError(f"--map {pair!r} is not SRC=DST")
-        if dst not in REQUIRED + OPTIONAL:
+        if contract and dst not in REQUIRED + OPTIONAL:
             raise UsageError(f"--map {pair!r}: {dst!r} is not a column of the import contract",
                              hint=f"targets: {', '.join(REQUIRED + OPTIONAL)}")
         out.append((src, dst))

@@ -78,11 +78,10 @@ def encode(profile, nodes) -> Features:
     return f
 
 
-def _categorical_block(codes, out) -> None:
+def _categorical_block(codes, values: int, out) -> None:
     """One-hot of the value (exact: inner product = equality) when the key has at most
     ONE_HOT_MAX values, else signed hashing into HASH_DIMS columns."""
     ok = np.flatnonzero(codes >= 0)
-    values = int(codes.max()) + 1 if len(codes) else 0
     if values <= ONE_HOT_MAX:
         out[ok, codes[ok]] = 1
         return
@@ -117,10 +116,9 @@ def _numeric_block(values, scale: float, out) -> None:
     out[np.flatnonzero(ok), : phi.shape[1]] = rows
 
 
-def _multi_block(bits, out) -> None:
+def _multi_block(bits, used, out) -> None:
     """The item set as a unit vector (one column per item, or signed hashing beyond
     ONE_HOT_MAX items): inner product = |a & b| / sqrt(|a| |b|), a cosine stand-in for Jaccard."""
-    used = np.flatnonzero(np.unpackbits(np.bitwise_or.reduce(bits, axis=0).view(np.uint8), bitorder="little"))
     rng = np.random.default_rng(SEED)
     hashed = len(used) > ONE_HOT_MAX
     column = rng.integers(0, HASH_DIMS, len(used)) if hashed else np.arange(len(used))
@@ -132,37 +130,45 @@ def _multi_block(bits, out) -> None:
     np.divide(out, norms, out=out, where=norms > 0)
 
 
-def _block_width(kind: str, features_entry) -> int:
+def _domain(kind: str, features_entry):
+    """What a key's block spans, counted once for its width and its columns: the number of
+    values (categorical), the item codes in use (multi-value); None for numeric keys."""
     if kind == "categorical":
         codes = features_entry[0]
-        values = int(codes.max()) + 1 if len(codes) else 0
-        return max(1, values) if values <= ONE_HOT_MAX else HASH_DIMS
+        return int(codes.max()) + 1 if len(codes) else 0
+    if kind == "multi":
+        bits = features_entry[0]
+        return np.flatnonzero(np.unpackbits(np.bitwise_or.reduce(bits, axis=0).view(np.uint8), bitorder="little"))
+    return None
+
+
+def _block_width(kind: str, domain) -> int:
     if kind == "numeric":
         return NUMERIC_DIMS
-    bits = features_entry[0]
-    items = int(np.unpackbits(np.bitwise_or.reduce(bits, axis=0).view(np.uint8)).sum()) if len(bits) else 0
-    return max(1, items) if items <= ONE_HOT_MAX else HASH_DIMS
+    size = domain if kind == "categorical" else len(domain)
+    return max(1, size) if size <= ONE_HOT_MAX else HASH_DIMS
 
 
 def vectors(profile, features: Features, n: int) -> np.ndarray:
     """(n, d) float32 search vectors; inner products approximate the weighted key scores."""
     blocks = [("categorical", e) for e in features.categorical] + [("numeric", e) for e in features.numeric] + \
              [("multi", e) for e in features.multi]
-    widths = [_block_width(kind, e) for kind, e in blocks]
+    domains = [_domain(kind, e) for kind, e in blocks]
+    widths = [_block_width(kind, domain) for (kind, _), domain in zip(blocks, domains)]
     emb_dims = 0 if features.embedding is None else features.embedding[0].shape[1]
     out = np.zeros((n, sum(widths) + emb_dims), np.float32)
     at = 0
-    for (kind, entry), width in zip(blocks, widths):
+    for (kind, entry), domain, width in zip(blocks, domains, widths):
         view = out[:, at:at + width]
         if kind == "categorical":
             codes, weight, _ = entry
-            _categorical_block(codes, view)
+            _categorical_block(codes, domain, view)
         elif kind == "numeric":
             values, scale, weight, _ = entry
             _numeric_block(values, float(scale), view)
         else:
             bits, _, weight, _ = entry
-            _multi_block(bits, view)
+            _multi_block(bits, domain, view)
         view *= np.float32(np.sqrt(weight))
         at += width
     if emb_dims:

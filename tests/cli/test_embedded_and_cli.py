@@ -51,6 +51,8 @@ def test_usage_errors_exit_2():
     assert proc.returncode == 2 and "--group-id 'not-a-uuid' is not a UUID" in proc.stderr
     assert run_mtool(["ingest"]).returncode == 2
     assert run_mtool(["ingest", "x.parquet", "--map", "nonsense"]).returncode == 2
+    proc = run_mtool(["nodes", "import", "x.parquet", "--map", "=reference_id"])
+    assert proc.returncode == 2 and "--map '=reference_id' is not SRC=DST" in proc.stderr
 
 
 def test_dsn_password_never_printed(files):
