@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import psycopg
 import pyarrow as pa
 import pytest
@@ -206,3 +207,39 @@ def test_killed_approximate_run_resumes_to_the_uninterrupted_result(dsn, files):
     run_mtool(args, dsn, check_rc=0)
     resumed, cycles = stored_matches(dsn, group(9))
     assert resumed == uninterrupted and cycles != first_cycle and len(cycles) == 1
+
+
+def test_nodes_import_rejects_bad_rows_and_keeps_the_good_ones_exactly(dsn, files):
+    g = group(40)
+    good = [{"reference_id": f"n{i}", "group_id": g, "domain_id": DOMAIN, "metadata": json.dumps({"city": "x"}),
+             "embedding": [0.25 * i, -1.5, 3e-8]} for i in range(4)]
+    good.append({"reference_id": "n-none", "group_id": g, "domain_id": DOMAIN, "metadata": "{}", "embedding": None})
+    bad = [
+        {"reference_id": "", "group_id": g, "domain_id": DOMAIN, "metadata": "{}", "embedding": [1.0, 2.0, 3.0]},
+        {"reference_id": "b-uuid", "group_id": "nope", "domain_id": DOMAIN, "metadata": "{}", "embedding": None},
+        {"reference_id": "b-nan", "group_id": g, "domain_id": DOMAIN, "metadata": "{}",
+         "embedding": [1.0, float("nan"), 0.0]},
+        {"reference_id": "b-null", "group_id": g, "domain_id": DOMAIN, "metadata": "{}", "embedding": [1.0, None, 0.0]},
+        {"reference_id": "b-dims", "group_id": g, "domain_id": DOMAIN, "metadata": "{}", "embedding": [1.0, 2.0]},
+        {"reference_id": "b-json", "group_id": g, "domain_id": DOMAIN, "metadata": "[1]", "embedding": None},
+    ]
+    rejects = files / "node-rejects.jsonl"
+    proc = run_mtool(["nodes", "import", nodes_file(files, good[:2] + bad + good[2:], "mixed.parquet"),
+                      "--rejects-file", str(rejects), "--json"], dsn, check_rc=3)  # 3: some rows rejected
+    out = json.loads(proc.stdout)
+    assert (out["imported"], out["rejected"]) == (5, 6)
+    reasons = {json.loads(line)["record"]["reference_id"]: json.loads(line)["reason"]
+               for line in rejects.read_text().splitlines()}
+    assert reasons == {"": "reference_id is null or empty", "b-uuid": "group_id or domain_id is not a valid UUID",
+                       "b-nan": "embedding has a null, NaN or infinite value",
+                       "b-null": "embedding has a null, NaN or infinite value",
+                       "b-dims": "embedding has 2 values, this group's have 3",
+                       "b-json": "metadata is not a JSON object"}
+    with psycopg.connect(dsn) as conn:
+        stored = dict(conn.execute("SELECT reference_id, embedding FROM nodes WHERE group_id = %s", [g]).fetchall())
+    assert set(stored) == {r["reference_id"] for r in good}
+    for r in good:  # float4 values exactly as the file's float32 values
+        if r["embedding"] is None:
+            assert stored[r["reference_id"]] is None
+        else:
+            assert np.array_equal(np.float32(stored[r["reference_id"]]), np.float32(r["embedding"]))
