@@ -51,3 +51,24 @@ def test_block_size_and_search_batches_do_not_change_the_result(tmp_path):
     for neighbors, scores in results[1:]:
         assert np.array_equal(neighbors, results[0][0])
         assert np.array_equal(scores, results[0][1])
+
+
+def test_approximate_bipartite_mode_reaches_recall_099_across_sides_only(tmp_path):
+    n = 14_000  # each side (~7,000) above the exact threshold: the list join, with the other side's probes
+    assert n // 2 > EXACT_MAX
+    p = popm.population(n, seed=4, gender=True)
+    keys = ("city", "age", "interests", "gender")
+    nodes = GroupNodes("g", "d", p["reference_id"], {c: p[c] for c in keys}, p["embedding"])
+    profile = prof.parse({**popm.PROFILE, "partition": {"key": "gender", "left": "M", "right": "F"}})
+    features = enc.encode(profile, nodes)
+    opts = engine.MatchOptions(profile, Device.CPU, staging_dir=str(tmp_path))
+    neighbors, _ = engine.stage_matches(opts, profile, nodes, features, str(tmp_path / "g"))
+    side = np.array(p["gender"])
+    hits = 0
+    queries = np.random.default_rng(1).choice(n, 150, replace=False)
+    for q in queries:
+        pool = np.flatnonzero(side != side[q])[None, :]
+        exact = compat.top_k(compat.pair_scores(features, np.array([q]), pool), pool, np.arange(n), profile.k)[0][0]
+        hits += len(set(exact) & set(neighbors[q]))
+        assert all(side[m] != side[q] for m in neighbors[q] if m >= 0)
+    assert hits / (len(queries) * profile.k) >= 0.99
