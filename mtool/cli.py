@@ -472,7 +472,8 @@ def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, 
                                workers=max(1, workers), metrics=metrics)
 
     # Progress in nodes: blocks of a group as they finish (inline), whole groups as they end.
-    planned = {"nodes": 0, "done": 0, "in_group": 0}  # in_group: nodes shown for the running group
+    # groups: {group_id: nodes}; in_group: nodes shown for the running group
+    planned = {"groups": {}, "nodes": 0, "done": 0, "in_group": 0}
     import threading
 
     counting = threading.Lock()  # blocks finish on several compute threads
@@ -485,9 +486,9 @@ def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, 
                 bar(min(planned["done"], planned["nodes"]), planned["nodes"])
 
         def group_done(result):
-            # exact once a group completes, also when a retry had counted its resumed blocks again
-            if result.status == "COMPLETED":
-                planned["done"] += result.nodes - planned["in_group"]
+            # exact once a group ends, whatever its status, also when a retry had counted its
+            # resumed blocks again: the group's planned nodes replace what its blocks reported
+            planned["done"] += planned["groups"].get(result.group_id, result.nodes) - planned["in_group"]
             planned["in_group"] = 0
             log.info("group %s: %s (%d nodes, %d edges, %.1f s)%s", result.group_id, result.status, result.nodes,
                      result.edges, result.seconds, f": {result.error}" if result.error else "",
@@ -497,7 +498,7 @@ def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, 
         opts = dataclasses.replace(opts, on_nodes=block_done)
         try:
             summary = engine.run(obj.database(), opts, on_group=group_done,
-                                 on_plan=lambda groups, nodes: planned.update(nodes=nodes))
+                                 on_plan=lambda groups: planned.update(groups=groups, nodes=sum(groups.values())))
         finally:
             if metrics:
                 metrics.export(metrics_textfile, pushgateway, job="mtool_match")

@@ -91,7 +91,7 @@ def in_shard(group_id: str, shard: tuple) -> bool:
 
 
 def run(db: Database, opts: MatchOptions, on_group=None, on_plan=None) -> MatchSummary:
-    """Match every selected group; on_plan(groups, nodes) once the groups are known,
+    """Match every selected group; on_plan({group_id: nodes}) once the groups are known,
     on_group(result) after each (and opts.on_nodes as blocks finish, when groups run inline)."""
     from mtool.db import migrations
 
@@ -105,7 +105,7 @@ def run(db: Database, opts: MatchOptions, on_group=None, on_plan=None) -> MatchS
                                "`mtool nodes import`")
         mine = [g for g in groups if in_shard(g[0], opts.shard)]
         if on_plan:
-            on_plan(len(mine), sum(count for _, _, count in mine))
+            on_plan({gid: count for gid, _, count in mine})
         if mine:
             session.run(lambda c: check_profile_fits(c, opts.profile, [g for g, _, _ in mine]), "check profile")
     finally:
