@@ -3,13 +3,14 @@ errors to exit codes (mtool.errors.ExitCode). The only module that prints or exi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import signal
 import sys
+import threading
 import time
-import dataclasses
 
 import click
 
@@ -474,8 +475,6 @@ def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, 
     # Progress in nodes: blocks of a group as they finish (inline), whole groups as they end.
     # groups: {group_id: nodes}; in_group: nodes shown for the running group
     planned = {"groups": {}, "nodes": 0, "done": 0, "in_group": 0}
-    import threading
-
     counting = threading.Lock()  # blocks finish on several compute threads
 
     with ProgressReporter("nodes") as bar:

@@ -7,7 +7,6 @@ default_map for every command, so its keys apply wherever an option of that name
 
 from __future__ import annotations
 
-
 from mtool.errors import ConfigError
 
 

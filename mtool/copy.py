@@ -4,8 +4,8 @@ psycopg's `Copy.write_row` costs a few microseconds of Python per row. Here ever
 an Arrow binary column holding each row's length word and value bytes, and Arrow's C++
 `binary_join_element_wise` concatenates them per row: its data buffer is the COPY stream's
 body. Measured about 2x faster than scattering bytes with NumPy fancy indexing, which was
-itself several times faster than write_row. Binary COPY applies no casts: the field encodings here must match the
-target column types exactly (int8, uuid, text/varchar, float4, timestamptz).
+itself several times faster than write_row. Binary COPY applies no casts: the field encodings
+here must match the target column types exactly (int8, uuid, text/varchar, float4, timestamptz).
 """
 
 from __future__ import annotations

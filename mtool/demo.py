@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 
-
 from mtool import ingest, samples
 from mtool.db.connection import Database
 

@@ -200,7 +200,8 @@ def _run_group_with_retries(session, db, opts, gid, did) -> GroupResult:
                 stats: dict = {}
                 nodes, edges = _run_group(session, db, opts, gid, cycle_id, stats)
                 return GroupResult(gid, "COMPLETED", cycle_id, nodes, edges, time.monotonic() - t0,
-                                   graph_build_s=stats.get("graph_build_s"), block_seconds=stats.get("block_seconds", []))
+                                   graph_build_s=stats.get("graph_build_s"),
+                                   block_seconds=stats.get("block_seconds", []))
             except MtoolError as exc:
                 error = str(exc)
                 if not exc.retryable:
@@ -578,13 +579,13 @@ def _record_cycle(conn, gid, cycle_id, nodes, edges, timings_json, group) -> Non
                  "error = NULL, finished_at = now() WHERE group_id = %s AND cycle_id = %s",
                  (nodes, edges, timings_json, gid, cycle_id))
     import pyarrow as pa
-    import pyarrow.compute as pc
 
-    refs = pa.array(group.reference_ids, pa.string())
-    for raw, escaped in (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r")):  # COPY text format
-        refs = pc.replace_substring(refs, raw, escaped)
-    lines = pc.binary_join_element_wise(pa.scalar(f"{gid}\t"), refs, pa.scalar(f"\t{cycle_id}\n"), "")
+    from mtool import contract
+    from mtool import copy as pgcopy
+
+    m = len(group.reference_ids)
+    payload = pgcopy.encode_rows([pgcopy.uuid_bytes(np.broadcast_to(contract.uuid_matrix([gid]), (m, 16))),
+                                  pgcopy.text(pa.array(group.reference_ids, pa.string())),
+                                  pgcopy.text(pa.repeat(pa.scalar(cycle_id, pa.string()), m))], m)
     with conn.cursor() as cur:
-        with cur.copy("COPY node_participation (group_id, reference_id, cycle_id) FROM STDIN") as cp:
-            for chunk in pc.binary_join(pa.ListArray.from_arrays([0, len(lines)], lines), "").to_pylist():
-                cp.write(chunk.encode())
+        pgcopy.copy_bytes(cur, "node_participation", ("group_id", "reference_id", "cycle_id"), payload)

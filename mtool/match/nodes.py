@@ -9,6 +9,7 @@ transaction per batch: re-running an import is safe.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import uuid
@@ -197,8 +198,9 @@ def _embeddings(column) -> tuple[list, np.ndarray]:
     return out, broken
 
 
+@functools.cache
 def _float4_array_dumper():
-    """A psycopg dumper that sends a _Float4Array as it is."""
+    """A psycopg dumper that sends a _Float4Array as it is (one class, made once)."""
     from psycopg.adapt import Dumper
     from psycopg.pq import Format
 
@@ -281,8 +283,9 @@ def load_group(conn, group_id: str, keys) -> GroupNodes:
             for data in cp:
                 buffer.write(data)
     names = ["reference_id", "domain_id"] + [f"k{i}" for i in range(len(keys))] + ["embedding"]
+    buffer.seek(0)
     table = csv.read_csv(
-        io.BytesIO(buffer.getvalue()), read_options=csv.ReadOptions(column_names=names),
+        buffer, read_options=csv.ReadOptions(column_names=names),
         convert_options=csv.ConvertOptions(column_types={c: pa.string() for c in names}, null_values=[""],
                                            strings_can_be_null=True, quoted_strings_can_be_null=False))
     refs = table.column("reference_id").to_pylist()

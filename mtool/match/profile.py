@@ -1,8 +1,8 @@
 """The match profile (DESIGN.md section 3): how metadata compares, k, mode and partition.
 
 Checked twice: its shape when loaded (`load`), and against a group's data before any work
-(`mtool.match.engine.check_profile_fits`), so an unknown key or a numeric key that does not parse is refused with the
-key named, exit 78 / 65.
+(`mtool.match.engine.check_profile_fits`), so an unknown key or a numeric key that does not
+parse is refused with the key named, exit 78 / 65.
 """
 
 from __future__ import annotations
