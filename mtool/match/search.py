@@ -75,7 +75,7 @@ class ListJoin:
         nearest = self.pool_probes[:, 0]
         self.order = np.argsort(nearest, kind="stable")
         self.starts = np.searchsorted(nearest[self.order], np.arange(self.nlist + 1))
-        self.vectors = np.ascontiguousarray(pool_vectors[self.order])
+        self.vectors = np.take(pool_vectors, self.order, axis=0)  # 2x faster than fancy indexing here
         self.gpu_index = None
         if device is not None and device.value == "gpu":
             self.gpu_index = self._gpu_ivf(d)
@@ -130,15 +130,18 @@ class ListJoin:
         rows = np.broadcast_to(np.arange(nq)[:, None], probes.shape)[scanned]
         later = np.broadcast_to(np.arange(probes.shape[1]) > 0, probes.shape)[scanned]
         key = lists + later * self.nlist  # each query's first list before any later one
+        if 2 * self.nlist <= np.iinfo(np.uint16).max:
+            key = key.astype(np.uint16)  # NumPy's stable sort of 16-bit keys is a radix sort (4x faster)
         by_key = np.argsort(key, kind="stable")
-        cuts = np.flatnonzero(np.diff(key[by_key])) + 1
-        for chunk in np.split(by_key, cuts):
+        bounds = np.concatenate([[0], np.flatnonzero(np.diff(key[by_key])) + 1, [len(by_key)]])
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            chunk = by_key[lo:hi]
             lst = lists[chunk[0]]
             a, b = self.starts[lst], self.starts[lst + 1]
             if a == b:
                 continue
             r = rows[chunk]
-            scores = query_vectors[r] @ self.vectors[a:b].T
+            scores = take_rows(query_vectors, r) @ self.vectors[a:b].T
             if key[chunk[0]] < self.nlist and b - a > count:
                 _seed(heap, r, scores, a, count)
             else:
@@ -157,6 +160,20 @@ class ListJoin:
         return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
 
 
+def take_rows(array: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """array[index], as a view when `index` is a run of consecutive rows (the queries of one
+    list in symmetric mode: their first list's product then needs no gathered copy)."""
+    return array[consecutive(index)]
+
+
+def consecutive(index: np.ndarray):
+    """`index` as a slice when it is a run of consecutive integers (indexing, reading or
+    writing, then needs no gather), else `index` itself."""
+    if len(index) and index[-1] - index[0] == len(index) - 1 and (len(index) < 2 or (np.diff(index) == 1).all()):
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return index
+
+
 def _seed(heap, rows, scores, first, count: int) -> None:
     """Fill the (still empty) heaps of `rows` with the best `count` of their first list at once.
     Pushed one by one, about half of a list's 512 scores each replaced the heap's top (~9 us
@@ -171,10 +188,15 @@ def _seed(heap, rows, scores, first, count: int) -> None:
         heap.add_result_subset(rows[tied], scores[tied], np.arange(first, first + scores.shape[1], dtype=np.int64))
         rows, scores, above = rows[plain], scores[plain], above[plain]
     best = np.flatnonzero(above).reshape(len(rows), count) % scores.shape[1]
-    values = np.take_along_axis(scores, best, axis=1)
-    ascending = np.argsort(values, axis=1)
-    heap.D[rows] = np.take_along_axis(values, ascending, axis=1)
-    heap.I[rows] = first + np.take_along_axis(best, ascending, axis=1)
+    # Ascending by score (a valid FAISS min-heap): one SIMD sort of int64 keys, the score's
+    # order-preserving int32 above its column (an argsort and two gathers took 2x as long).
+    bits = np.take_along_axis(scores, best, axis=1).view(np.int32)
+    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).astype(np.int64) << 32 | best
+    key.sort(axis=1)
+    best = (key & 0xFFFFFFFF).astype(np.intp)
+    at = consecutive(rows)
+    heap.D[at] = np.take_along_axis(scores, best, axis=1)
+    heap.I[at] = first + best
 
 
 def _kth_largest(scores: np.ndarray, k: int) -> np.ndarray:
