@@ -20,6 +20,7 @@ EXCLUDED = float("-inf")
 # arithmetic then tie exactly (and break by reference id) on every device, whatever the float
 # rounding or fused multiply-adds of the platform.
 SCORE_DECIMALS = 6
+WHOLE_ROW_SORT_MAX = 512  # top_k sorts rows up to this long whole (the column fits the key's 12 low bits)
 
 
 @dataclass
@@ -159,19 +160,28 @@ def top_k(scores, candidates, rank, k: int):
     Returns (indices, scores), each (B, k), with -1 / -inf where fewer than k remain.
 
     One sort key per pair: scores are rounded to SCORE_DECIMALS in [0, 1], so the score in
-    millionths (descending) and the rank fit one int64; one partial sort of it replaces two
-    stable argsorts (2x faster at 81 candidates per row)."""
+    millionths (descending) and the rank fit one 64-bit integer. Short rows (the approximate
+    path's candidates) sort it whole; long ones (the exact path's) partition it first."""
     xp = array_module(scores)
     units = 10**SCORE_DECIMALS
     excluded = xp.isinf(scores)
     behind = xp.where(excluded, units + 1, units - xp.rint(scores.astype(xp.float64) * units)).astype(xp.int64)
-    key = (behind << 32) | rank[candidates].astype(xp.int64)
-    if key.shape[1] > k:
-        part = xp.argpartition(key, k - 1, axis=1)[:, :k]
-        key_k = xp.take_along_axis(key, part, axis=1)
-        by_key = xp.take_along_axis(part, xp.argsort(key_k, axis=1), axis=1)
+    columns = scores.shape[1]
+    if columns <= WHOLE_ROW_SORT_MAX:
+        # The column packed below score and rank (20 + 32 + 12 bits): one SIMD sort of the row,
+        # 4x faster at 81 candidates than a partition, an argsort of the k best and gathers.
+        key = (behind.astype(xp.uint64) << 44) | (rank[candidates].astype(xp.uint64) << 12) | \
+            xp.arange(columns, dtype=xp.uint64)
+        key.sort(axis=1)
+        by_key = (key[:, :k] & 0xFFF).astype(xp.int64)
     else:
-        by_key = xp.argsort(key, axis=1)
+        key = (behind << 32) | rank[candidates].astype(xp.int64)
+        if key.shape[1] > k:
+            part = xp.argpartition(key, k - 1, axis=1)[:, :k]
+            key_k = xp.take_along_axis(key, part, axis=1)
+            by_key = xp.take_along_axis(part, xp.argsort(key_k, axis=1), axis=1)
+        else:
+            by_key = xp.argsort(key, axis=1)
     best = xp.take_along_axis(candidates, by_key, axis=1)
     best_scores = xp.take_along_axis(scores, by_key, axis=1)
     if best.shape[1] < k:  # fewer candidates than k: pad

@@ -389,6 +389,9 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
             out_sc[lo - start:hi - start] = sc
         staged_nb[start:stop] = out_nb
         staged_sc[start:stop] = out_sc
+        if neighbors is not None:  # kept in memory too: reading 1M nodes' arrays back took ~1 s
+            neighbors[order[start:stop]] = out_nb
+            scores[order[start:stop]] = out_sc
         with open(os.path.join(staging, "done", f"{b}"), "w"):
             pass
         if on_block:
@@ -408,6 +411,10 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
             stage_block(b, found)
         return [(time.monotonic() - t_batch) / len(batch)] * len(batch)
 
+    neighbors = scores = None
+    if want_result:  # the caller's (n, k) arrays, indexed by node
+        neighbors = np.full((n, k), -1, np.int32)
+        scores = np.full((n, k), -np.inf, np.float32)
     blocks = range(-(-len(order) // block))
     todo = [b for b in blocks if not os.path.exists(os.path.join(staging, "done", f"{b}"))]
     finished = sorted(set(blocks) - set(todo))  # by a killed run
@@ -430,13 +437,11 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         with threadpool_limits(1), ThreadPoolExecutor(threads, initializer=_one_thread) as pool:
             for done in pool.map(run_batch, batches):
                 seconds.extend(done)
-    if not want_result:
-        return None, None
-    neighbors = np.full((n, k), -1, np.int32)
-    scores = np.full((n, k), -np.inf, np.float32)
-    if len(order):
-        neighbors[order] = staged_nb[: len(order)]
-        scores[order] = staged_sc[: len(order)]
+    if neighbors is not None:
+        for b in finished:  # blocks of a killed run: from the staging arrays
+            start, stop = b * block, min(len(order), (b + 1) * block)
+            neighbors[order[start:stop]] = staged_nb[start:stop]
+            scores[order[start:stop]] = staged_sc[start:stop]
     return neighbors, scores
 
 

@@ -66,6 +66,23 @@ def test_top_k_breaks_ties_by_rank_and_pads(xp_name):
     assert idx.tolist() == [[3, 2, 7], [4, -1, -1]]
 
 
+def test_top_k_whole_row_sort_equals_the_partition_path(monkeypatch):
+    """Short rows sort a key with the column packed in; long rows partition first. Both give
+    the same neighbours and scores, ties (many here: 50 score levels) broken by rank."""
+    rng = np.random.default_rng(4)
+    scores = (rng.integers(0, 50, (300, 81)) / 50).astype(np.float32)
+    scores[rng.random(scores.shape) < 0.05] = -np.inf
+    candidates = np.stack([rng.choice(5000, 81, replace=False) for _ in range(300)])
+    rank = rng.permutation(5000)
+    packed = compat.top_k(scores, candidates, rank, 20)
+    monkeypatch.setattr(compat, "WHOLE_ROW_SORT_MAX", 0)
+    partitioned = compat.top_k(scores, candidates, rank, 20)
+    assert np.array_equal(packed[0], partitioned[0]) and np.array_equal(packed[1], partitioned[1])
+    first = packed[0][0]
+    s = dict(zip(candidates[0], scores[0]))
+    assert [s[c] for c in first] == sorted((s[c] for c in first), reverse=True)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_cuda_source_compiles(tmp_path):
     from importlib import resources

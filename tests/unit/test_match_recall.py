@@ -38,7 +38,7 @@ def test_approximate_mode_reaches_recall_099(tmp_path):
 
 def test_block_size_and_search_batches_do_not_change_the_result(tmp_path):
     """Blocks are the resume unit and are searched in batches of consecutive blocks; neither
-    the block size nor the batching (threads) may change which matches a node gets."""
+    the block size, the batching (threads) nor a resume may change which matches a node gets."""
     p = popm.population(9_000, seed=5)
     nodes = GroupNodes("g", "d", p["reference_id"], {c: p[c] for c in ("city", "age", "interests")}, p["embedding"])
     profile = prof.parse(popm.PROFILE)
@@ -48,6 +48,13 @@ def test_block_size_and_search_batches_do_not_change_the_result(tmp_path):
         opts = engine.MatchOptions(profile, Device.CPU, staging_dir=str(tmp_path), block_rows=block_rows,
                                    threads=threads)
         results.append(engine.stage_matches(opts, profile, nodes, features, str(tmp_path / f"g{block_rows}")))
+    # Resumed: the blocks an earlier run finished are read from its staging arrays, the others
+    # computed again; the result is the same.
+    staging = tmp_path / "g700"
+    for marker in sorted((staging / "done").iterdir(), key=lambda m: int(m.name))[::2]:
+        marker.unlink()
+    opts = engine.MatchOptions(profile, Device.CPU, staging_dir=str(tmp_path), block_rows=700, threads=2)
+    results.append(engine.stage_matches(opts, profile, nodes, features, str(staging)))
     for neighbors, scores in results[1:]:
         assert np.array_equal(neighbors, results[0][0])
         assert np.array_equal(scores, results[0][1])
