@@ -1,7 +1,7 @@
 """Exact compatibility of node pairs and deterministic top-K, over any array module.
 
 Pure functions: no I/O, no device flags. `xp` is numpy or cupy, derived from the inputs; only
-operations both share are used. A `Features` bundle holds a group's encoded metadata:
+operations both share are used, but for the embedding's inner products on the CPU (_cosines). A `Features` bundle holds a group's encoded metadata:
 - categorical keys: int32 codes (N,), -1 where the node lacks the key;
 - numeric keys: float32 values (N,), NaN where missing;
 - multi-value keys: item sets as bitsets (N, W) uint64 (bit i: item code i), and a has-key
@@ -140,8 +140,10 @@ def pair_scores(f: Features, q, c):
 def _cosines(vectors, q, c, xp):
     """Inner products (B, C) of the unit vectors of q (B,) and c (B, C). On the CPU FAISS
     computes them in place (`fvec_inner_products_by_idx`): gathering the candidates' rows
-    first, as einsum needs, took 2x as long. Elsewhere (CuPy), einsum."""
-    if xp.__name__ == "numpy":
+    first, as einsum needs, took 2x as long. Elsewhere (CuPy, or vectors FAISS cannot read in
+    place), einsum: the same products, summed in another order (the scores' rounding to
+    SCORE_DECIMALS absorbs the difference but at its boundaries)."""
+    if xp.__name__ == "numpy" and vectors.flags.c_contiguous and vectors.dtype == xp.float32:
         import faiss
         import numpy as np
 
