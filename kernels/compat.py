@@ -1,7 +1,8 @@
 """Exact compatibility of node pairs and deterministic top-K, over any array module.
 
 Pure functions: no I/O, no device flags. `xp` is numpy or cupy, derived from the inputs; only
-operations both share are used, but for the embedding's inner products on the CPU (_cosines). A `Features` bundle holds a group's encoded metadata:
+operations both share are used, but for the embedding's inner products on the CPU (_cosines).
+A `Features` bundle holds a group's encoded metadata:
 - categorical keys: int32 codes (N,), -1 where the node lacks the key;
 - numeric keys: float32 values (N,), NaN where missing;
 - multi-value keys: item sets as bitsets (N, W) uint64 (bit i: item code i), and a has-key

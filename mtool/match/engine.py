@@ -284,29 +284,28 @@ def _sides(profile, group) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(left, right), (right, left)]
 
 
-def stage_matches(opts, profile, group, features, staging: str, stats: dict | None = None, on_block=None,
-                  want_result: bool = True):
-    """Top-K of every node into Zarr arrays under `staging`, block by block, resumable.
+@dataclass
+class Plan:
+    """One search direction: `queries` (node indices, in processing order) matched against
+    `pool` (node indices; in list order when `join` is set). `probes` are indexed by node (None
+    for an exact pool); `offset` is the pool's first row in the work order."""
+    queries: np.ndarray
+    pool: np.ndarray
+    join: ListJoin | None = None
+    probes: np.ndarray | None = None
+    offset: int = 0
 
-    Nodes are processed in a fixed order (by side, then by first probed list for large pools),
-    saved as `order.npy` before the first block, so that blocks (and their done-markers) mean
-    the same nodes when a killed run resumes. The arrays are indexed by processing position.
-    Blocks run on `opts.threads` threads (NumPy, BLAS and FAISS release the GIL), each owning
-    its Zarr chunk; `on_block(b)` is called as each block is done (the commit's COPY feed)."""
-    import zarr
-    from zarr.codecs import BloscCodec
 
-    xp = opts.device.xp
-    stats = {} if stats is None else stats
-    n, k = len(group), profile.k
-    os.makedirs(os.path.join(staging, "done"), exist_ok=True)
-    block = opts.block_rows
+def _plans(opts, profile, group, features, stats: dict) -> tuple[list, np.ndarray | None]:
+    """The search plans, and the search vectors by node where the queries need them (bipartite
+    mode; in symmetric mode the join's list-order copy serves, 376 MB less at 1M nodes)."""
+    n = len(group)
     vecs = None
-    plans = []  # [queries in processing order, pool (in list order), join, probes indexed by node, pool offset]
+    plans = []
     for queries, pool in _sides(profile, group):
         if len(queries) == 0 or len(pool) == 0:
             continue
-        join = probes = None
+        plan = Plan(queries, pool)
         if len(pool) > EXACT_MAX:
             t_build = time.monotonic()
             if vecs is None:
@@ -316,43 +315,72 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
             by_list = np.argsort(probes[:, 0], kind="stable")  # neighbours share lists: cache-friendly blocks
             node_probes = np.empty((n, probes.shape[1]), probes.dtype)  # by node: valid for a saved order too
             node_probes[queries] = probes
-            queries, probes, pool = queries[by_list], node_probes, pool[join.order]
+            plan = Plan(queries[by_list], pool[join.order], join, node_probes)
             stats["graph_build_s"] = stats.get("graph_build_s", 0.0) + time.monotonic() - t_build
-        plans.append([queries, pool, join, probes, 0])
-    if not profile.bipartite:
-        vecs = None  # the join's list-order copy serves the queries too (376 MB less at 1M nodes)
-    # Work order: the nodes renumbered so that each pool is contiguous and in list order. A
-    # query's candidates (a few lists) are then a few runs of adjacent rows of the features:
-    # at 1M nodes, gathering them from random rows made rescoring ~4x slower.
-    work_parts, placed = [], np.zeros(n, bool)
+        plans.append(plan)
+    return plans, (vecs if profile.bipartite else None)
+
+
+def _work_order(plans: list, n: int) -> np.ndarray:
+    """The nodes renumbered so that each pool is contiguous and in list order (sets each plan's
+    offset). A query's candidates (a few lists) are then a few runs of adjacent rows of the
+    features: at 1M nodes, gathering them from random rows made rescoring ~4x slower."""
+    parts, placed = [], np.zeros(n, bool)
     for plan in plans:
-        pool = plan[1]
-        if not placed[pool].any():  # symmetric: one pool; bipartite: two disjoint ones
-            plan[4] = sum(len(w) for w in work_parts)
-            work_parts.append(pool)
-            placed[pool] = True
-    work = np.concatenate(work_parts + [np.flatnonzero(~placed)])
+        if not placed[plan.pool].any():  # symmetric: one pool; bipartite: two disjoint ones
+            plan.offset = sum(len(w) for w in parts)
+            parts.append(plan.pool)
+            placed[plan.pool] = True
+    return np.concatenate(parts + [np.flatnonzero(~placed)])
+
+
+def _saved_order(staging: str, plans: list) -> np.ndarray:
+    """The processing order of the nodes, saved before the first block (a resumed run reads it:
+    its blocks and done-markers must mean the same nodes)."""
+    path = os.path.join(staging, "order.npy")
+    if os.path.exists(path):
+        return np.load(path)
+    order = np.concatenate([plan.queries for plan in plans]) if plans else np.zeros(0, np.int64)
+    np.save(path + ".tmp.npy", order)
+    os.replace(path + ".tmp.npy", path)
+    return order
+
+
+def _staging_array(staging: str, name: str, rows: int, k: int, block: int, dtype: str, fill):
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    path = os.path.join(staging, name)
+    if os.path.exists(os.path.join(path, "zarr.json")):  # resuming: keep the done chunks
+        return zarr.open_array(path, mode="r+")
+    # blosc lz4 + shuffle: smallest and fastest for int32/float32 edge arrays (TESTING.md).
+    return zarr.create_array(path, shape=(max(1, rows), k), chunks=(block, k), dtype=dtype, fill_value=fill,
+                             compressors=[BloscCodec(cname="lz4", shuffle="shuffle")])
+
+
+def stage_matches(opts, profile, group, features, staging: str, stats: dict | None = None, on_block=None,
+                  want_result: bool = True):
+    """Top-K of every node into Zarr arrays under `staging`, block by block, resumable.
+
+    Nodes are processed in a fixed order (by side, then by first probed list for large pools),
+    saved as `order.npy` before the first block, so that blocks (and their done-markers) mean
+    the same nodes when a killed run resumes. The arrays are indexed by processing position.
+    Blocks run on `opts.threads` threads (NumPy, BLAS and FAISS release the GIL), each owning
+    its Zarr chunk; `on_block(b)` is called as each block is done (the commit's COPY feed).
+    Returns the (n, k) neighbours and scores by node when `want_result`, else (None, None)."""
+    xp = opts.device.xp
+    stats = {} if stats is None else stats
+    n, k = len(group), profile.k
+    os.makedirs(os.path.join(staging, "done"), exist_ok=True)
+    block = opts.block_rows
+    plans, vecs = _plans(opts, profile, group, features, stats)
+    work = _work_order(plans, n)
     position = np.empty(n, np.int64)
     position[work] = np.arange(n)
-    order_path = os.path.join(staging, "order.npy")
-    if os.path.exists(order_path):
-        order = np.load(order_path)
-    else:
-        order = np.concatenate([q for q, *_ in plans]) if plans else np.zeros(0, np.int64)
-        np.save(order_path + ".tmp.npy", order)
-        os.replace(order_path + ".tmp.npy", order_path)
-    plan_starts = np.cumsum([0] + [len(q) for q, *_ in plans])
-
-    def array(name, dtype, fill):
-        path = os.path.join(staging, name)
-        if os.path.exists(os.path.join(path, "zarr.json")):  # resuming: keep the done chunks
-            return zarr.open_array(path, mode="r+")
-        # blosc lz4 + shuffle: smallest and fastest for int32/float32 edge arrays (TESTING.md).
-        return zarr.create_array(path, shape=(max(1, len(order)), k), chunks=(block, k), dtype=dtype,
-                                 fill_value=fill, compressors=[BloscCodec(cname="lz4", shuffle="shuffle")])
-
-    staged_nb = array("neighbors.zarr", "int32", -1)
-    staged_sc = array("scores.zarr", "float32", float("-inf"))
+    order = _saved_order(staging, plans)
+    plan_starts = np.cumsum([0] + [len(plan.queries) for plan in plans])
+    staged_nb = _staging_array(staging, "neighbors.zarr", len(order), k, block, "int32", -1)
+    staged_sc = _staging_array(staging, "scores.zarr", len(order), k, block, "float32", float("-inf"))
     dev_features = _to_device(features.take(work), xp)
     rank = xp.asarray(work)  # nodes are sorted by reference_id: a node's index is its rank
     compat.prepare(dev_features, xp)  # once, before the block threads share it
@@ -360,14 +388,15 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     def search(first: int, last: int) -> dict:
         """Candidates of the rows first..last of the order: {plan: (its first row, candidates)}."""
         found = {}
-        for p, (_, pool, join, probes, offset) in enumerate(plans):
+        for p, plan in enumerate(plans):
             lo, hi = max(first, plan_starts[p]), min(last, plan_starts[p + 1])
-            if lo < hi and join is not None:
+            if lo < hi and plan.join is not None:
                 queries = order[lo:hi]  # the saved order: a resumed run's blocks mean the same nodes
-                count = min(len(pool), k * opts.oversample + (1 if not profile.bipartite else 0))
+                count = min(len(plan.pool), k * opts.oversample + (1 if not profile.bipartite else 0))
                 # symmetric: the queries are the pool, whose vectors the join holds in list order
-                qv = vecs[queries] if vecs is not None else take_rows(join.vectors, position[queries] - offset)
-                found[p] = (lo, join.search(qv, probes[queries], count))
+                qv = vecs[queries] if vecs is not None else \
+                    take_rows(plan.join.vectors, position[queries] - plan.offset)
+                found[p] = (lo, plan.join.search(qv, plan.probes[queries], count))
         return found
 
     def stage_block(b: int, found: dict) -> None:
@@ -375,7 +404,7 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         start, stop = b * block, min(len(order), (b + 1) * block)
         out_nb = np.full((stop - start, k), -1, np.int32)
         out_sc = np.full((stop - start, k), -np.inf, np.float32)
-        for p, (_, pool, _, _, offset) in enumerate(plans):
+        for p, plan in enumerate(plans):
             lo, hi = max(start, plan_starts[p]), min(stop, plan_starts[p + 1])
             if lo >= hi:
                 continue
@@ -383,8 +412,8 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
             if p in found:
                 at, rows = found[p]
                 candidates = rows[lo - at:hi - at]
-            nb, sc = _top_k_for(position[order[lo:hi]], candidates, offset, len(pool), dev_features, rank, k, xp,
-                                not profile.bipartite)
+            nb, sc = _top_k_for(position[order[lo:hi]], candidates, plan.offset, len(plan.pool), dev_features, rank,
+                                k, xp, not profile.bipartite)
             out_nb[lo - start:hi - start] = np.where(nb >= 0, work[np.maximum(nb, 0)], -1)
             out_sc[lo - start:hi - start] = sc
         staged_nb[start:stop] = out_nb
