@@ -105,7 +105,8 @@ class ListJoin:
         scores = x @ self.centroid_vectors.T
         nearest = faiss.ResultHeap(len(x), min(PROBE_MIN, self.nlist), keep_max=True)
         nearest.add_result_subset(np.arange(len(x)), scores, np.arange(self.nlist, dtype=np.int64))
-        reach = scores.max(axis=1) - np.float32(PROBE_MARGIN) * np.einsum("ij,ij->i", x, x)
+        # the heap holds each row's best too: no pass over the scores for the maximum
+        reach = nearest.D.max(axis=1) - np.float32(PROBE_MARGIN) * np.einsum("ij,ij->i", x, x)
         threshold = np.minimum(nearest.D.min(axis=1), reach)
         row, lst = np.divmod(np.flatnonzero(scores >= threshold[:, None]), self.nlist)
         # best first within each row: rows ascending, scores descending (|score| << 2**20)
