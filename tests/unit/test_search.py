@@ -56,3 +56,13 @@ def test_search_keeps_the_best_candidates_of_the_probed_lists(ties):
         assert np.allclose(np.sort(join.vectors[kept] @ vectors[q])[::-1], best, rtol=0, atol=1e-5)
         if not ties:
             assert set(kept.tolist()) == set(members[np.argsort(-scores, kind="stable")[:81]].tolist())
+
+
+def test_take_rows_is_a_view_only_for_a_run_of_consecutive_rows():
+    array = np.arange(40).reshape(10, 4)
+    run = search.take_rows(array, np.arange(3, 7))
+    assert np.shares_memory(run, array) and np.array_equal(run, array[3:7])
+    for index in (np.array([3, 5, 6]), np.array([6, 5, 4]), np.array([3, 3, 5])):  # [3, 3, 5] spans 3 rows
+        rows = search.take_rows(array, index)
+        assert not np.shares_memory(rows, array) and np.array_equal(rows, array[index])
+    assert search.take_rows(array, np.array([], np.int64)).shape == (0, 4)
