@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -313,8 +314,10 @@ def _plans(opts, profile, group, features, stats: dict) -> tuple[list, np.ndarra
             join = ListJoin(vecs if len(pool) == n else vecs[pool], opts.device, opts.threads)  # symmetric: no copy
             probes = join.pool_probes if queries is pool else join.probes(vecs[queries])
             by_list = np.argsort(probes[:, 0], kind="stable")  # neighbours share lists: cache-friendly blocks
-            node_probes = np.empty((n, probes.shape[1]), probes.dtype)  # by node: valid for a saved order too
-            node_probes[queries] = probes
+            node_probes = probes  # by node: valid for a saved order too (symmetric: already)
+            if len(queries) != n:
+                node_probes = np.empty((n, probes.shape[1]), probes.dtype)
+                node_probes[queries] = probes
             plan = Plan(queries[by_list], pool[join.order], join, node_probes)
             stats["graph_build_s"] = stats.get("graph_build_s", 0.0) + time.monotonic() - t_build
         plans.append(plan)
@@ -381,9 +384,12 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     plan_starts = np.cumsum([0] + [len(plan.queries) for plan in plans])
     staged_nb = _staging_array(staging, "neighbors.zarr", len(order), k, block, "int32", -1)
     staged_sc = _staging_array(staging, "scores.zarr", len(order), k, block, "float32", float("-inf"))
-    dev_features = _to_device(features.take(work), xp)
     rank = xp.asarray(work)  # nodes are sorted by reference_id: a node's index is its rank
-    compat.prepare(dev_features, xp)  # once, before the block threads share it
+    # Only rescoring reads the features in work order: they are copied while the first batches
+    # search (at 1M nodes the copy took 0.2-1 s, most of it first touches of fresh memory).
+    loader = ThreadPoolExecutor(1)
+    work_features = loader.submit(_work_features, features, work, xp)
+    loader.shutdown(wait=False)
 
     def search(first: int, last: int) -> dict:
         """Candidates of the rows first..last of the order: {plan: (its first row, candidates)}."""
@@ -412,8 +418,8 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
             if p in found:
                 at, rows = found[p]
                 candidates = rows[lo - at:hi - at]
-            nb, sc = _top_k_for(position[order[lo:hi]], candidates, plan.offset, len(plan.pool), dev_features, rank,
-                                k, xp, not profile.bipartite)
+            nb, sc = _top_k_for(position[order[lo:hi]], candidates, plan.offset, len(plan.pool),
+                                work_features.result(), rank, k, xp, not profile.bipartite)
             out_nb[lo - start:hi - start] = np.where(nb >= 0, work[np.maximum(nb, 0)], -1)
             out_sc[lo - start:hi - start] = sc
         staged_nb[start:stop] = out_nb
@@ -459,8 +465,6 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         for batch in batches:
             seconds.extend(run_batch(batch))
     else:  # also with one thread: BLAS and FAISS threads on small products and heaps ran 4.5x slower
-        from concurrent.futures import ThreadPoolExecutor
-
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(1), ThreadPoolExecutor(threads, initializer=_one_thread) as pool:
@@ -537,6 +541,14 @@ def _rescore(q, c, features, rank, k, xp, symmetric):
     excluded = missing | (c == q[:, None]) if symmetric else missing
     scores = xp.where(excluded, xp.float32(compat.EXCLUDED), scores)
     return compat.top_k(scores, c, rank, k)
+
+
+def _work_features(features, work, xp):
+    """The features in work order on the device, with compat's per-bundle facts computed once
+    (before the block threads share them)."""
+    taken = _to_device(features.take(work), xp)
+    compat.prepare(taken, xp)
+    return taken
 
 
 def _to_device(f, xp):
