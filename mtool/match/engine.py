@@ -31,7 +31,7 @@ from mtool.errors import InvalidInput, MtoolError
 from mtool.kernels import compat
 from mtool.match import encode as enc
 from mtool.match import nodes as node_repo
-from mtool.match.search import EXACT_MAX, ListJoin, take_rows
+from mtool.match.search import EXACT_MAX, ListJoin, compute_pool, take_rows
 from mtool.match.writer import EdgeWriter, edge_columns
 
 log = logging.getLogger(__name__)
@@ -391,12 +391,22 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     work_features = loader.submit(_work_features, features, work, xp)
     loader.shutdown(wait=False)
 
+    def span(b: int) -> tuple[int, int]:
+        """Block b's rows of the order."""
+        return b * block, min(len(order), (b + 1) * block)
+
+    def plan_rows(first: int, last: int):
+        """(plan number, plan, lo, hi) for each plan holding rows of first..last of the order."""
+        for p, plan in enumerate(plans):
+            lo, hi = max(first, plan_starts[p]), min(last, plan_starts[p + 1])
+            if lo < hi:
+                yield p, plan, lo, hi
+
     def search(first: int, last: int) -> dict:
         """Candidates of the rows first..last of the order: {plan: (its first row, candidates)}."""
         found = {}
-        for p, plan in enumerate(plans):
-            lo, hi = max(first, plan_starts[p]), min(last, plan_starts[p + 1])
-            if lo < hi and plan.join is not None:
+        for p, plan, lo, hi in plan_rows(first, last):
+            if plan.join is not None:
                 queries = order[lo:hi]  # the saved order: a resumed run's blocks mean the same nodes
                 count = min(len(plan.pool), k * opts.oversample + (1 if not profile.bipartite else 0))
                 # symmetric: the queries are the pool, whose vectors the join holds in list order
@@ -407,13 +417,10 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
 
     def stage_block(b: int, found: dict) -> None:
         """Rescore block b's candidates, stage its top K and mark it done."""
-        start, stop = b * block, min(len(order), (b + 1) * block)
+        start, stop = span(b)
         out_nb = np.full((stop - start, k), -1, np.int32)
         out_sc = np.full((stop - start, k), -np.inf, np.float32)
-        for p, plan in enumerate(plans):
-            lo, hi = max(start, plan_starts[p]), min(stop, plan_starts[p + 1])
-            if lo >= hi:
-                continue
+        for p, plan, lo, hi in plan_rows(start, stop):
             candidates = None  # an exact pool: all of it
             if p in found:
                 at, rows = found[p]
@@ -441,7 +448,7 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         by block. A query's candidates depend on its own probes only, so the grouping of blocks
         does not change the result. Returns each block's seconds (the batch's time shared out)."""
         t_batch = time.monotonic()
-        found = search(batch[0] * block, min(len(order), (batch[-1] + 1) * block))
+        found = search(span(batch[0])[0], span(batch[-1])[1])
         for b in batch:
             stage_block(b, found)
         return [(time.monotonic() - t_batch) / len(batch)] * len(batch)
@@ -457,22 +464,19 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         for b in finished:
             on_block(b)
     if opts.on_nodes and finished:  # and count as progress
-        opts.on_nodes(sum(min(len(order), (b + 1) * block) - b * block for b in finished))
+        opts.on_nodes(sum(stop - start for start, stop in map(span, finished)))
     threads = 1 if xp is not np else max(1, opts.threads or os.cpu_count() or 1)
     batches = _batches(todo, per_batch=max(1, min(SEARCH_ROWS // block, -(-len(todo) // (2 * threads)))))
     seconds = stats.setdefault("block_seconds", [])
     if xp is not np:
         for batch in batches:
             seconds.extend(run_batch(batch))
-    else:  # also with one thread: BLAS and FAISS threads on small products and heaps ran 4.5x slower
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(1), ThreadPoolExecutor(threads, initializer=_one_thread) as pool:
+    else:  # through the pool also with one thread (compute_pool says why)
+        with compute_pool(threads) as pool:
             for done in pool.map(run_batch, batches):
                 seconds.extend(done)
     if neighbors is not None:
-        for b in finished:  # blocks of a killed run: from the staging arrays
-            start, stop = b * block, min(len(order), (b + 1) * block)
+        for start, stop in map(span, finished):  # blocks of a killed run: from the staging arrays
             neighbors[order[start:stop]] = staged_nb[start:stop]
             scores[order[start:stop]] = staged_sc[start:stop]
     return neighbors, scores
@@ -491,13 +495,6 @@ def _batches(todo: list, per_batch: int) -> list:
         else:
             out.append([b])
     return out
-
-
-def _one_thread() -> None:
-    """Block threads are the parallelism: FAISS's OpenMP (a per-thread setting) stays at one."""
-    import faiss
-
-    faiss.omp_set_num_threads(1)
 
 
 RESCORE_ROWS = 1024  # queries rescored at once: keeps the gathered candidate features in cache
