@@ -119,13 +119,14 @@ def _numeric_block(values, scale: float, out) -> None:
 def _multi_block(bits, used, out) -> None:
     """The item set as a unit vector (one column per item, or signed hashing beyond
     ONE_HOT_MAX items): inner product = |a & b| / sqrt(|a| |b|), a cosine stand-in for Jaccard."""
-    rng = np.random.default_rng(SEED)
-    hashed = len(used) > ONE_HOT_MAX
-    column = rng.integers(0, HASH_DIMS, len(used)) if hashed else np.arange(len(used))
-    sign = rng.choice(np.float32([-1, 1]), len(used)) if hashed else np.ones(len(used), np.float32)
-    for j, item in enumerate(used):
-        flag = ((bits[:, item // 64] >> np.uint64(item % 64)) & np.uint64(1)).astype(bool)
-        out[flag, column[j]] += sign[j]
+    if len(used) <= ONE_HOT_MAX:  # one column per item: the bits themselves, unpacked in one pass
+        out[:, :len(used)] = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, used]
+    else:
+        rng = np.random.default_rng(SEED)
+        column, sign = rng.integers(0, HASH_DIMS, len(used)), rng.choice(np.float32([-1, 1]), len(used))
+        for j, item in enumerate(used):
+            flag = ((bits[:, item // 64] >> np.uint64(item % 64)) & np.uint64(1)).astype(bool)
+            out[flag, column[j]] += sign[j]
     norms = np.sqrt(np.einsum("ij,ij->i", out, out))[:, None]
     np.divide(out, norms, out=out, where=norms > 0)
 
