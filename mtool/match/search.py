@@ -200,22 +200,26 @@ def _seed(heap, rows, scores, first, count: int) -> None:
     Rows with ties at the threshold go through the heap as before. Ascending order is a valid
     FAISS min-heap."""
     threshold = _kth_largest(scores, count)
-    above = scores >= threshold[:, None]
-    plain = above.sum(axis=1) == count
-    if not plain.all():
-        tied = ~plain
-        heap.add_result_subset(rows[tied], scores[tied], np.arange(first, first + scores.shape[1], dtype=np.int64))
-        rows, scores, above = rows[plain], scores[plain], above[plain]
-    best = np.flatnonzero(above).reshape(len(rows), count) % scores.shape[1]
+    flat = np.flatnonzero(scores >= threshold[:, None])  # row by row: each row's `count` best
+    if len(flat) != len(rows) * count:  # some rows have ties at their threshold
+        plain = np.count_nonzero(scores >= threshold[:, None], axis=1) == count
+        heap.add_result_subset(rows[~plain], scores[~plain], np.arange(first, first + scores.shape[1], dtype=np.int64))
+        rows, scores = rows[plain], scores[plain]
+        flat = np.flatnonzero(scores >= threshold[plain][:, None])
     # Ascending by score (a valid FAISS min-heap): one SIMD sort of int64 keys, the score's
-    # order-preserving int32 above its column (an argsort and two gathers took 2x as long).
-    bits = np.take_along_axis(scores, best, axis=1).view(np.int32)
-    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).astype(np.int64) << 32 | best
+    # order-preserving int32 above its column; the scores come back from the keys' high bits
+    # (an argsort and gathers of the sorted scores took up to 2x as long).
+    bits = scores.reshape(-1)[flat].view(np.int32)
+    key = (_sortable(bits).astype(np.int64) << 32 | flat % scores.shape[1]).reshape(len(rows), count)
     key.sort(axis=1)
-    best = (key & 0xFFFFFFFF).astype(np.intp)
     at = consecutive(rows)
-    heap.D[at] = np.take_along_axis(scores, best, axis=1)
-    heap.I[at] = first + best
+    heap.D[at] = _sortable((key >> 32).astype(np.int32)).view(np.float32)
+    heap.I[at] = first + (key & 0xFFFFFFFF)
+
+
+def _sortable(bits: np.ndarray) -> np.ndarray:
+    """float32 bits (as int32) to int32s in the floats' order, and back (it is its own inverse)."""
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 def _kth_largest(scores: np.ndarray, k: int) -> np.ndarray:
