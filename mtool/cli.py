@@ -305,7 +305,7 @@ def jobs():
 @jobs.command("list")
 @opt("--status", type=click.Choice(["PENDING", "PROCESSING", "COMPLETED", "FAILED"], case_sensitive=False))
 @opt("--limit", type=int, default=50, show_default=True)
-@opt("--json", "as_json", is_flag=True)
+@opt("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @click.pass_obj
 def jobs_list(obj, status, limit, as_json):
     """Recent import jobs, newest first."""
@@ -325,7 +325,7 @@ def jobs_list(obj, status, limit, as_json):
 
 @jobs.command("show")
 @click.argument("job_id")
-@opt("--json", "as_json", is_flag=True)
+@opt("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @click.pass_obj
 def jobs_show(obj, job_id, as_json):
     """One job in full, and whether a process is running it now."""
@@ -350,7 +350,7 @@ def jobs_show(obj, job_id, as_json):
 @jobs.command("retry")
 @click.argument("job_id")
 @opt("--workers", type=int, default=None, help="Reader and writer processes each.")
-@opt("--json", "as_json", is_flag=True)
+@opt("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @click.pass_obj
 def jobs_retry(obj, job_id, workers, as_json):
     """Resume a FAILED or interrupted job from its checkpoint, with its original options."""
@@ -401,7 +401,7 @@ def nodes():
 @opt("--map", "mapping", multiple=True, metavar="SRC=DST", help="Rename a file column (repeatable).")
 @opt("--max-rejects", type=int, default=1000, show_default=True)
 @opt("--rejects-file", type=click.Path(dir_okay=False))
-@opt("--json", "as_json", is_flag=True)
+@opt("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @click.pass_obj
 def nodes_import(obj, uris, group_id, domain_id, mapping, max_rejects, rejects_file, as_json):
     """Upsert nodes from Parquet files (path, directory, glob, http(s), s3) into `nodes`.
@@ -430,7 +430,9 @@ def nodes_import(obj, uris, group_id, domain_id, mapping, max_rejects, rejects_f
 @opt("--k", type=int, default=None, help="Matches kept per node (overrides the profile).")
 @opt("--mode", type=click.Choice(["auto", "symmetric", "bipartite"]), default=None,
      help="auto: bipartite when the profile names a partition.")
-@opt("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
+@opt("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
+     help="Where kernels and candidate search run: auto takes a usable CUDA GPU (CuPy) if there is one; "
+          "gpu without one is a configuration error (exit 78).")
 @opt("--workers", type=int, default=1, show_default=True,
      help="Groups matched at once, each in its own process (the CPUs are split between them as compute threads).")
 @opt("--shard", default="0/1", show_default=True, metavar="I/N",
@@ -442,7 +444,7 @@ def nodes_import(obj, uris, group_id, domain_id, mapping, max_rejects, rejects_f
      help="Query nodes per staging chunk: the unit of resume and of memory.")
 @opt("--metrics-textfile", type=click.Path(dir_okay=False), help="Write Prometheus metrics here at the end.")
 @opt("--pushgateway", help="Push Prometheus metrics to this Pushgateway URL at the end.")
-@opt("--json", "as_json", is_flag=True)
+@opt("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @click.pass_obj
 def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, cycle_id, output, block_rows,
           metrics_textfile, pushgateway, as_json):
@@ -517,7 +519,7 @@ def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, 
 
 @cli.command()
 @opt("--rows", type=int, default=200_000, show_default=True, help="Sample match rows to generate.")
-@opt("--json", "as_json", is_flag=True)
+@opt("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @click.pass_obj
 def demo(obj, rows, as_json):
     """Sample data -> ingest -> summary, on the embedded defaults (or --dsn)."""
