@@ -400,8 +400,7 @@ def nodes():
 @opt("--domain-id", help="Domain of rows that have no domain_id column.")
 @opt("--map", "mapping", multiple=True, metavar="SRC=DST", help="Rename a file column (repeatable).")
 @opt("--max-rejects", type=int, default=1000, show_default=True,
-     help="Fail (exit 65) when more rows than this are rejected; batches upserted before stay (re-running is "
-          "safe: rows are upserted).")
+     help="Fail (exit 65), writing nothing, when more rows than this are rejected.")
 @opt("--rejects-file", type=click.Path(dir_okay=False),
      help="Where rejected rows go (JSON lines). Default: MTOOL_HOME/rejects/nodes-ID.jsonl.")
 @opt("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")

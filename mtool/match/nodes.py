@@ -3,8 +3,9 @@
 Input contract (DESIGN.md section 3): reference_id, group_id, domain_id (each may come from the
 command line), optional type and embedding (list of floats, one length per group), and metadata
 as one `metadata` column (map<string,string> or a JSON object string) or, without one, every
-other column. Values are strings. Rows are upserted on (group_id, reference_id), one
-transaction per batch: re-running an import is safe.
+other column. Values are strings. Rows are staged and upserted on (group_id, reference_id) in
+one transaction (the last row read wins a duplicated key): past --max-rejects nothing is
+written, and re-running an import is safe.
 """
 
 from __future__ import annotations
@@ -68,26 +69,35 @@ def import_nodes(db, uris, group_id=None, domain_id=None, mapping=(), max_reject
                     not pa.types.is_floating(t.value_type):
                 raise InvalidInput(f"{src.uri}: column 'embedding' has type {t}, expected a list of floats")
         plans.append(src)
-    rows = imported = 0
-    rejects: list = []
-    with db.connect() as conn:
+    counts: dict = {}
+
+    def load(conn) -> None:
+        """Every file's good rows into a staging table, then one upsert, in one transaction:
+        past --max-rejects nothing is written, as with ingest. Retried as a whole (re-reading
+        the files) on a transient error."""
+        counts.update(rows=0, imported=0, rejects=[])
         migrations.check(conn)
+        conn.execute("CREATE TEMP TABLE nodes_staging (LIKE nodes INCLUDING DEFAULTS, seq bigserial) ON COMMIT DROP")
         for src in plans:
             pf = sources.open_parquet(src)
             try:
                 for batch in pf.iter_batches(batch_size=BATCH_ROWS):
                     batch = batch.rename_columns([renamed.get(n, n) for n in batch.schema.names])
-                    good, bad = _node_rows(batch, src.uri, rows, group_id, domain_id)
-                    rejects += bad
-                    if len(rejects) > max_rejects:
-                        conn.rollback()
-                        raise InvalidInput(f"more than --max-rejects {max_rejects} node rows were rejected "
-                                           f"(first: row {rejects[0]['row']}: {rejects[0]['reason']})")
-                    db.retry(lambda: _upsert(conn, good), "import nodes")
-                    rows += batch.num_rows
-                    imported += len(good)
+                    good, bad = _node_rows(batch, src.uri, counts["rows"], group_id, domain_id)
+                    counts["rejects"] += bad
+                    if len(counts["rejects"]) > max_rejects:
+                        first = counts["rejects"][0]
+                        raise InvalidInput(f"more than --max-rejects {max_rejects} node rows were rejected; "
+                                           f"nothing was imported (first: row {first['row']}: {first['reason']})")
+                    _stage(conn, good)
+                    counts["rows"] += batch.num_rows
+                    counts["imported"] += len(good)
             finally:
                 pf.close(force=True)
+        _merge(conn)
+
+    db.run(load, "import nodes")
+    rows, imported, rejects = counts["rows"], counts["imported"], counts["rejects"]
     path = None
     if rejects:
         import os
@@ -214,23 +224,24 @@ def _float4_array_dumper():
     return Float4ArrayDumper
 
 
-def _upsert(conn, rows) -> None:
-    with conn.transaction():
-        conn.execute("CREATE TEMP TABLE IF NOT EXISTS nodes_staging (LIKE nodes INCLUDING DEFAULTS) "
-                     "ON COMMIT DELETE ROWS")
-        with conn.cursor() as cur:
-            cur.adapters.register_dumper(_Float4Array, _float4_array_dumper())
-            with cur.copy("COPY nodes_staging (domain_id, group_id, reference_id, type, metadata, embedding) "
-                          "FROM STDIN (FORMAT binary)") as cp:
-                cp.set_types(["uuid", "uuid", "varchar", "text", "jsonb", "float4[]"])
-                for row in rows:
-                    cp.write_row(row)
-            cur.execute("INSERT INTO nodes (domain_id, group_id, reference_id, type, metadata, embedding) "
-                        "SELECT DISTINCT ON (group_id, reference_id) domain_id, group_id, reference_id, type, "
-                        "metadata, embedding FROM nodes_staging "
-                        "ON CONFLICT (group_id, reference_id) DO UPDATE SET domain_id = EXCLUDED.domain_id, "
-                        "type = EXCLUDED.type, metadata = EXCLUDED.metadata, embedding = EXCLUDED.embedding, "
-                        "updated_at = now()")
+def _stage(conn, rows) -> None:
+    with conn.cursor() as cur:
+        cur.adapters.register_dumper(_Float4Array, _float4_array_dumper())
+        with cur.copy("COPY nodes_staging (domain_id, group_id, reference_id, type, metadata, embedding) "
+                      "FROM STDIN (FORMAT binary)") as cp:
+            cp.set_types(["uuid", "uuid", "varchar", "text", "jsonb", "float4[]"])
+            for row in rows:
+                cp.write_row(row)
+
+
+def _merge(conn) -> None:
+    """Upsert the staged rows; of rows with the same (group_id, reference_id), the last one read."""
+    conn.execute("INSERT INTO nodes (domain_id, group_id, reference_id, type, metadata, embedding) "
+                 "SELECT DISTINCT ON (group_id, reference_id) domain_id, group_id, reference_id, type, "
+                 "metadata, embedding FROM nodes_staging ORDER BY group_id, reference_id, seq DESC "
+                 "ON CONFLICT (group_id, reference_id) DO UPDATE SET domain_id = EXCLUDED.domain_id, "
+                 "type = EXCLUDED.type, metadata = EXCLUDED.metadata, embedding = EXCLUDED.embedding, "
+                 "updated_at = now()")
 
 
 # -- loading a group ------------------------------------------------------------------------

@@ -243,3 +243,23 @@ def test_nodes_import_rejects_bad_rows_and_keeps_the_good_ones_exactly(dsn, file
             assert stored[r["reference_id"]] is None
         else:
             assert np.array_equal(np.float32(stored[r["reference_id"]]), np.float32(r["embedding"]))
+
+
+def test_nodes_import_past_max_rejects_writes_nothing_and_last_duplicate_wins(dsn, files):
+    """As with ingest, an import that rejects more than --max-rejects rows writes none of its
+    rows (also not the batches read before the limit); a key read twice keeps its last row."""
+    g = group(41)
+    rows = [{"reference_id": f"n{i}", "group_id": g, "domain_id": DOMAIN, "metadata": json.dumps({"v": str(i)}),
+             "embedding": None} for i in range(3)]
+    bad = [{"reference_id": "", "group_id": g, "domain_id": DOMAIN, "metadata": "{}", "embedding": None}] * 2
+    proc = run_mtool(["nodes", "import", nodes_file(files, rows, "good.parquet"), nodes_file(files, bad, "bad.parquet"),
+                      "--max-rejects", "1"], dsn, check_rc=65)
+    assert "more than --max-rejects 1" in proc.stderr and "nothing was imported" in proc.stderr
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM nodes WHERE group_id = %s", [g]).fetchone()[0] == 0
+    again = dict(rows[0], metadata=json.dumps({"v": "last"}))
+    run_mtool(["nodes", "import", nodes_file(files, rows, "first.parquet"),
+               nodes_file(files, [again], "second.parquet")], dsn)
+    with psycopg.connect(dsn) as conn:
+        stored = dict(conn.execute("SELECT reference_id, metadata->>'v' FROM nodes WHERE group_id = %s", [g]).fetchall())
+    assert stored == {"n0": "last", "n1": "1", "n2": "2"}
