@@ -38,6 +38,7 @@ extern "C" __global__ void pair_scores_fused(
         num += (1.0f + dot) / 2.0f * emb_weight;
         den += emb_weight;
     }
+    if (!(den > 0.0f)) ok = false;  // no key in common: not compared, not a candidate
     const double score = den > 0.0f ? (double)(num / den) : 0.0;
     out[idx] = ok ? (float)(rint(score * 1e6) / 1e6) : -INFINITY;
 }

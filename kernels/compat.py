@@ -135,6 +135,9 @@ def pair_scores(f: Features, q, c):
     den = den + xp.float32(den_all)
     score = xp.where(den > 0, num / xp.maximum(den, xp.float32(1e-30)), xp.float32(0))
     score = (xp.round(score.astype(xp.float64) * 10**SCORE_DECIMALS) / 10**SCORE_DECIMALS).astype(xp.float32)
+    # A pair with no key in common was not compared: not a candidate (never a score-0 edge).
+    comparable = den > 0 if den_all == 0 else None
+    ok = comparable if ok is None else (ok if comparable is None else ok & comparable)
     return score if ok is None else xp.where(ok, score, xp.float32(EXCLUDED))
 
 

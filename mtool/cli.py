@@ -192,13 +192,13 @@ def ingest_options(fn):
         opt("--domain-id", help="Domain of rows that have no domain_id column."),
         opt("--map", "mapping", multiple=True, metavar="SRC=DST",
             help="Rename a file column to a contract column (repeatable)."),
-        opt("--max-rejects", type=int, default=1000, show_default=True,
+        opt("--max-rejects", type=click.IntRange(0), default=1000, show_default=True,
             help="Fail the job when more rows than this break the contract."),
         opt("--rejects-file", type=click.Path(dir_okay=False),
             help="Where rejected rows go (JSON lines). Default: MTOOL_HOME/rejects/JOB_ID.jsonl."),
-        opt("--workers", type=int, default=None,
+        opt("--workers", type=click.IntRange(1, 256), default=None, envvar="MTOOL_INGEST_WORKERS",
             help="Reader and writer processes each (default: CPUs, 2..4); 1 runs inline."),
-        opt("--batch-rows", type=int, default=100_000, show_default=True,
+        opt("--batch-rows", type=click.IntRange(1), default=100_000, show_default=True,
             help="Rows per chunk: the unit of COPY, checkpoint and memory."),
         opt("--metrics-textfile", type=click.Path(dir_okay=False), help="Write Prometheus metrics here at the end."),
         opt("--pushgateway", help="Push Prometheus metrics to this Pushgateway URL at the end."),
@@ -355,7 +355,8 @@ def jobs_show(obj, job_id, as_json):
 
 @jobs.command("retry")
 @click.argument("job_id")
-@opt("--workers", type=int, default=None, help="Reader and writer processes each.")
+@opt("--workers", type=click.IntRange(1, 256), default=None, envvar="MTOOL_INGEST_WORKERS",
+     help="Reader and writer processes each.")
 @opt("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @click.pass_obj
 def jobs_retry(obj, job_id, workers, as_json):
@@ -387,6 +388,16 @@ def jobs_retry(obj, job_id, workers, as_json):
         sys.exit(ExitCode.PARTIAL)
 
 
+def _cycle_id_arg(value):
+    """A cycle id names a staging folder and a varchar(36) column: short, and no path in it."""
+    import re
+
+    if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,35}", value):
+        raise click.BadParameter(f"{value!r} is not 1 to 36 letters, digits, '.', '_' or '-' (starting with a letter "
+                                 "or digit)", param_hint="--cycle-id")
+    return value
+
+
 def _uuid_arg(value: str) -> str:
     from mtool.config import uuid_value
 
@@ -405,7 +416,7 @@ def nodes():
 @opt("--group-id", help="Group of rows that have no group_id column.")
 @opt("--domain-id", help="Domain of rows that have no domain_id column.")
 @opt("--map", "mapping", multiple=True, metavar="SRC=DST", help="Rename a file column (repeatable).")
-@opt("--max-rejects", type=int, default=1000, show_default=True,
+@opt("--max-rejects", type=click.IntRange(0), default=1000, show_default=True,
      help="Fail (exit 65), writing nothing, when more rows than this are rejected.")
 @opt("--rejects-file", type=click.Path(dir_okay=False),
      help="Where rejected rows go (JSON lines). Default: MTOOL_HOME/rejects/nodes-ID.jsonl.")
@@ -435,31 +446,43 @@ def nodes_import(obj, uris, group_id, domain_id, mapping, max_rejects, rejects_f
 @opt("--domain-id", "domain_ids", multiple=True, help="Only these domains (repeatable).")
 @opt("--group-id", "group_ids", multiple=True, help="Only these groups (repeatable).")
 @opt("--profile", type=click.Path(dir_okay=False), help="Match profile (YAML/JSON). Default: embeddings only.")
-@opt("--k", type=int, default=None, help="Matches kept per node (overrides the profile).")
+@opt("--k", type=click.IntRange(1, 1000), default=None,
+     help="Matches kept per node, 1 to 1000 (overrides the profile); a k above a group's size keeps every candidate.")
 @opt("--mode", type=click.Choice(["auto", "symmetric", "bipartite"]), default=None,
      help="auto: bipartite when the profile names a partition.")
 @opt("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True,
      help="Where kernels and candidate search run: auto takes a usable CUDA GPU (CuPy) if there is one; "
           "gpu without one is a configuration error (exit 78).")
-@opt("--workers", type=int, default=1, show_default=True,
+@opt("--workers", type=click.IntRange(1, 1024), default=1, show_default=True, envvar="MTOOL_MATCH_WORKERS",
      help="Groups matched at once, each in its own process (the CPUs are split between them as compute threads).")
 @opt("--shard", default="0/1", show_default=True, metavar="I/N",
      help="Process only the groups whose hash falls in shard I of N (a Kubernetes Indexed Job).")
-@opt("--cycle-id", help="Cycle id (default: resume the group's unfinished cycle, else a new one).")
+@opt("--cycle-id", callback=lambda _c, _p, v: _cycle_id_arg(v),
+     help="Cycle id, at most 36 characters of letters, digits, '.', '_', '-' (default: resume the group's "
+          "unfinished cycle when its inputs are the same, else a new UUID).")
 @opt("--output", default="postgres", show_default=True,
-     help="postgres, or PATH.parquet: write matches as Parquet shards (import contract) instead.")
-@opt("--block-rows", type=int, default=16384, show_default=True,
-     help="Query nodes per staging chunk: the unit of resume and of memory.")
+     help="postgres, or PATH(.parquet): write a directory PATH of Parquet files, one per group "
+          "(PATH/GROUP_ID.parquet, in the import contract), instead of the database.")
+@opt("--block-rows", type=click.IntRange(1, 1 << 22), default=16384, show_default=True,
+     help="Query nodes per staging chunk: the unit of resume and of memory. Part of the cycle's "
+          "fingerprint: an interrupted cycle resumes only with the same value.")
+@opt("--allow-empty", is_flag=True,
+     help="Let a cycle that found no edge (an empty side, no comparable data) replace the group's matches "
+          "with none. Without it such a group is SKIPPED, its previous matches kept, and the exit code is 3.")
 @opt("--metrics-textfile", type=click.Path(dir_okay=False), help="Write Prometheus metrics here at the end.")
 @opt("--pushgateway", help="Push Prometheus metrics to this Pushgateway URL at the end.")
 @opt("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @click.pass_obj
 def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, cycle_id, output, block_rows,
-          metrics_textfile, pushgateway, as_json):
+          allow_empty, metrics_textfile, pushgateway, as_json):
     """Compute each selected group's top-K potential matches and write them as a new cycle.
 
     Readers of potential_matches see a group's previous cycle until its new one is complete.
-    Exit 0 when every group completed, 3 when some failed (the others were written).
+    The profile and every option are checked before any group (exit 78 for the profile, 2 for
+    an option). Exit 0 when every group completed; 3 when a group FAILED (after retries) or was
+    SKIPPED because its cycle found no edge to write (its previous matches are kept; see
+    --allow-empty); the other groups are written either way. A group locked by another running
+    `mtool match` is skipped too, but that alone leaves the exit code 0.
     """
     from mtool import device as dev
     from mtool.config import state_dir
@@ -480,6 +503,7 @@ def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, 
     opts = engine.MatchOptions(profile_obj, dev.choose(device), tuple(domain_ids), tuple(group_ids), (index, count),
                                cycle_id, None if output == "postgres" else output,
                                block_rows=block_rows, staging_dir=os.path.join(state_dir(), "staging"),
+                               allow_empty=allow_empty,
                                workers=max(1, workers), metrics=metrics)
 
     # Progress in nodes: blocks of a group as they finish (inline), whole groups as they end.
@@ -517,9 +541,9 @@ def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, 
     else:
         click.echo(f"{out['completed']} group(s) matched, {out['failed']} failed, {out['skipped']} skipped")
         for g in summary.groups:
-            if g.status == "FAILED":
-                click.echo(f"  FAILED {g.group_id}: {g.error}")
-    if summary.failed:
+            if g.status == "FAILED" or (g.status == "SKIPPED" and g.empty):
+                click.echo(f"  {g.status} {g.group_id}: {g.error}")
+    if summary.failed or summary.empty:
         sys.exit(ExitCode.PARTIAL)
 
 

@@ -29,6 +29,7 @@ from mtool.db import matches as pm
 from mtool.db.connection import Database, Session
 from mtool.errors import InvalidInput, MtoolError
 from mtool.kernels import compat
+from mtool.match import cycles
 from mtool.match import encode as enc
 from mtool.match import nodes as node_repo
 from mtool.match.search import EXACT_MAX, ListJoin, compute_pool, take_rows
@@ -54,6 +55,7 @@ class MatchOptions:
     staging_dir: str = "."
     threads: int | None = None  # compute threads per group process (default: CPUs / workers)
     workers: int = 1  # groups processed at once, each in its own process (1: inline)
+    allow_empty: bool = False  # let a cycle with no edge replace the group's matches (else SKIPPED)
     metrics: object = None  # mtool.metrics.MatchMetrics (kept in the parent)
     on_nodes: object = None  # on_nodes(count) as each block of `count` query nodes is done (inline runs only)
 
@@ -67,6 +69,7 @@ class GroupResult:
     edges: int = 0
     seconds: float = 0.0
     error: str | None = None
+    empty: bool = False  # SKIPPED because the cycle found no edge (exit 3), not for a lock
     graph_build_s: float | None = None
     block_seconds: list = field(default_factory=list)
 
@@ -79,10 +82,14 @@ class MatchSummary:
     def failed(self) -> int:
         return sum(g.status == "FAILED" for g in self.groups)
 
+    @property
+    def empty(self) -> int:
+        return sum(g.empty for g in self.groups)
+
     def to_json(self) -> dict:
         return {"groups": [g.__dict__ for g in self.groups], "failed": self.failed,
                 "completed": sum(g.status == "COMPLETED" for g in self.groups),
-                "skipped": sum(g.status == "SKIPPED" for g in self.groups)}
+                "skipped": sum(g.status == "SKIPPED" for g in self.groups), "empty": self.empty}
 
 
 def in_shard(group_id: str, shard: tuple) -> bool:
@@ -192,16 +199,38 @@ def _run_group_with_retries(session, db, opts, gid, did) -> GroupResult:
 
     session.on_connect = relock
     try:
-        cycle_id = opts.cycle_id or _unfinished_cycle(session, gid) or str(uuid.uuid4())
+        t0 = time.monotonic()
+        timings = {}
+        profile = opts.profile
+        keys = [s.name for s in profile.keys] + ([profile.partition.key] if profile.partition else [])
+        try:
+            group = session.run(lambda c: node_repo.load_group(c, gid, keys), "load nodes")
+            features = enc.encode(profile, group)
+            timings["load_s"] = round(time.monotonic() - t0, 3)
+            cycle_inputs = cycles.inputs(opts, group)
+            fp = cycles.fingerprint(cycle_inputs)
+            resume, stale = session.run(lambda c: cycles.choose(c, gid, fp, opts.cycle_id), "choose cycle")
+            cycles.remove_leftovers(db, opts.staging_dir, gid, stale, load_table_name)
+        except Exception as exc:  # noqa: BLE001 - the group's nodes cannot be matched; the others go on
+            error = str(exc) if isinstance(exc, MtoolError) else f"{type(exc).__name__}: {exc}"
+            cycle_id = opts.cycle_id or str(uuid.uuid4())
+            log.warning("group %s: loading its nodes failed: %s", gid, error, extra={"group_id": gid})
+            session.run(lambda c: cycles.started(c, gid, did, cycle_id, None, {}), "start cycle")
+            session.run(lambda c: cycles.failed(c, gid, cycle_id, error), "fail cycle")
+            return GroupResult(gid, "FAILED", cycle_id, error=error)
+        cycle_id = resume or opts.cycle_id or str(uuid.uuid4())
+        if resume:
+            log.info("group %s: resuming cycle %s (same inputs)", gid, cycle_id, extra={"group_id": gid})
         error = None
         for attempt in range(1, GROUP_ATTEMPTS + 1):
-            t0 = time.monotonic()
+            t_attempt = time.monotonic()
             try:
-                session.run(lambda c: _cycle_started(c, gid, did, cycle_id), "start cycle")
+                session.run(lambda c: cycles.started(c, gid, did, cycle_id, fp, cycle_inputs), "start cycle")
                 stats: dict = {}
-                nodes, edges = _run_group(session, db, opts, gid, cycle_id, stats)
-                return GroupResult(gid, "COMPLETED", cycle_id, nodes, edges, time.monotonic() - t0,
-                                   graph_build_s=stats.get("graph_build_s"),
+                edges, empty = _run_group(session, db, opts, group, features, cycle_id, stats, dict(timings))
+                status = "SKIPPED" if empty else "COMPLETED"
+                return GroupResult(gid, status, cycle_id, len(group), edges, time.monotonic() - t_attempt,
+                                   error=empty, empty=bool(empty), graph_build_s=stats.get("graph_build_s"),
                                    block_seconds=stats.get("block_seconds", []))
             except MtoolError as exc:
                 error = str(exc)
@@ -212,39 +241,35 @@ def _run_group_with_retries(session, db, opts, gid, did) -> GroupResult:
             log.warning("group %s attempt %d failed: %s", gid, attempt, error, extra={"group_id": gid})
             if attempt < GROUP_ATTEMPTS:
                 time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
-        session.run(lambda c: c.execute(
-            "UPDATE match_cycles SET status = 'FAILED', error = %s, finished_at = now() "
-            "WHERE group_id = %s AND cycle_id = %s", (error[:4000], gid, cycle_id)), "fail cycle")
+        session.run(lambda c: cycles.failed(c, gid, cycle_id, error), "fail cycle")
         return GroupResult(gid, "FAILED", cycle_id, error=error)
     finally:
         session.run(lambda c: c.execute("SELECT pg_advisory_unlock(%s)", (lock_key,)), "unlock")
 
 
-def _unfinished_cycle(session, gid) -> str | None:
-    row = session.run(lambda c: c.execute(
-        "SELECT cycle_id FROM match_cycles WHERE group_id = %s AND status IN ('PROCESSING', 'FAILED') "
-        "ORDER BY started_at DESC LIMIT 1", (gid,)).fetchone(), "find cycle")
-    return row[0] if row else None
+def _no_edge_reason(profile, group) -> str | None:
+    """Why a cycle cannot find any edge, known before computing: a bipartite side is empty."""
+    if len(group) < 2:
+        return f"{len(group)} node(s): nobody to match"
+    if profile.bipartite:
+        p = profile.partition
+        side = group.metadata[p.key]
+        for value in (p.left, p.right):
+            if not any(v == value for v in side):
+                return f"bipartite: no node has {p.key} = {value!r}, so one side is empty"
+    return None
 
 
-def _cycle_started(conn, gid, did, cycle_id) -> None:
-    conn.execute("INSERT INTO match_cycles (cycle_id, group_id, domain_id, status, attempts) "
-                 "VALUES (%s, %s, %s, 'PROCESSING', 1) ON CONFLICT (group_id, cycle_id) DO UPDATE "
-                 "SET status = 'PROCESSING', attempts = match_cycles.attempts + 1, error = NULL",
-                 (cycle_id, gid, did))
-
-
-def _run_group(session, db, opts, gid, cycle_id, stats: dict) -> tuple[int, int]:
-    profile = opts.profile
-    timings = {}
+def _run_group(session, db, opts, group, features, cycle_id, stats: dict, timings: dict) -> tuple[int, str | None]:
+    """One attempt at the cycle: (edges, None) when the edges replaced the group's, or (0,
+    reason) when there was no edge and nothing was replaced (SKIPPED; --allow-empty swaps an
+    empty cycle in instead)."""
+    profile, gid, n = opts.profile, group.group_id, len(group)
+    reason = None if opts.allow_empty else _no_edge_reason(profile, group)
+    if reason:
+        return _skip(session, gid, cycle_id, n, reason, timings)
     t = time.monotonic()
-    keys = [s.name for s in profile.keys] + ([profile.partition.key] if profile.partition else [])
-    group = session.run(lambda c: node_repo.load_group(c, gid, keys), "load nodes")
-    features = enc.encode(profile, group)
-    n = len(group)
-    timings["load_s"] = round(time.monotonic() - t, 3)
-    t = time.monotonic()
-    staging = os.path.join(opts.staging_dir, cycle_id, gid)
+    staging = cycles.staging_path(opts.staging_dir, cycle_id, gid)
     writer = load = None
     if not opts.output:  # edges stream into a fresh load table as blocks finish (mtool/match/writer.py)
         load = db.retry(lambda: open_load_table(db, gid, cycle_id), "create load table")
@@ -255,20 +280,35 @@ def _run_group(session, db, opts, gid, cycle_id, stats: dict) -> tuple[int, int]
         timings["match_s"] = round(time.monotonic() - t, 3)
         t = time.monotonic()
         if opts.output:
-            edges = write_parquet(opts.output, group, cycle_id, neighbors, scores)
-            session.run(lambda c: _cycle_completed(c, gid, cycle_id, n, edges, timings, group), "complete cycle")
+            edges = int(np.count_nonzero(neighbors >= 0))
+            if edges or opts.allow_empty:
+                edges = write_parquet(opts.output, group, cycle_id, neighbors, scores)
+                session.run(lambda c: _cycle_completed(c, gid, cycle_id, n, edges, timings, group), "complete cycle")
         else:
             edges = writer.finish()
             writer = None
-            db.retry(lambda: swap_cycle(db, group, cycle_id, load, edges, timings), "commit cycle")
+            if edges or opts.allow_empty:
+                db.retry(lambda: swap_cycle(db, group, cycle_id, load, edges, timings), "commit cycle")
+            else:
+                db.retry(lambda: _drop_load_table(db, load), "drop load table")
     finally:
         if writer is not None:
             writer.abort()
-    timings["write_s"] = round(time.monotonic() - t, 3)
     shutil.rmtree(staging, ignore_errors=True)
+    if not edges and not opts.allow_empty:
+        return _skip(session, gid, cycle_id, n, "no pair of nodes could be compared: every pair lacks a common key "
+                     "or is excluded by a required key", timings)
+    timings["write_s"] = round(time.monotonic() - t, 3)
     log.info("group %s: %d nodes, %d edges, cycle %s (%s)", gid, n, edges, cycle_id, timings,
              extra={"group_id": gid, "cycle_id": cycle_id})
-    return n, edges
+    return edges, None
+
+
+def _skip(session, gid, cycle_id, n, reason: str, timings: dict) -> tuple[int, str]:
+    reason = f"no edge to write, previous matches kept: {reason} (--allow-empty replaces them with none)"
+    session.run(lambda c: cycles.skipped(c, gid, cycle_id, n, reason, timings), "skip cycle")
+    log.warning("group %s: SKIPPED, %s", gid, reason, extra={"group_id": gid, "cycle_id": cycle_id})
+    return 0, reason
 
 
 # -- compute -------------------------------------------------------------------------------
@@ -449,6 +489,7 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         does not change the result. Returns each block's seconds (the batch's time shared out)."""
         t_batch = time.monotonic()
         found = search(span(batch[0])[0], span(batch[-1])[1])
+        batch = [b for b in batch if b in todo_set]  # resuming: the batch is searched whole, as before
         for b in batch:
             stage_block(b, found)
         return [(time.monotonic() - t_batch) / len(batch)] * len(batch)
@@ -459,6 +500,7 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         scores = np.full((n, k), -np.inf, np.float32)
     blocks = range(-(-len(order) // block))
     todo = [b for b in blocks if not os.path.exists(os.path.join(staging, "done", f"{b}"))]
+    todo_set = set(todo)
     finished = sorted(set(blocks) - set(todo))  # by a killed run
     if on_block:  # resuming: blocks a killed run finished are fed again (the load table is new)
         for b in finished:
@@ -466,7 +508,7 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     if opts.on_nodes and finished:  # and count as progress
         opts.on_nodes(sum(stop - start for start, stop in map(span, finished)))
     threads = 1 if xp is not np else max(1, opts.threads or os.cpu_count() or 1)
-    batches = _batches(todo, per_batch=max(1, min(SEARCH_ROWS // block, -(-len(todo) // (2 * threads)))))
+    batches = [batch for batch in _batches(len(blocks), block) if todo_set.intersection(batch)]
     seconds = stats.setdefault("block_seconds", [])
     if xp is not np:
         for batch in batches:
@@ -485,16 +527,18 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
 SEARCH_ROWS = 65_536  # query rows searched at once at most (consecutive staging blocks)
 
 
-def _batches(todo: list, per_batch: int) -> list:
-    """Runs of consecutive block numbers, at most `per_batch` long (two batches per thread at
-    least where there are enough blocks, so that no thread idles on the last one)."""
-    out = []
-    for b in todo:
-        if out and out[-1][-1] == b - 1 and len(out[-1]) < per_batch:
-            out[-1].append(b)
-        else:
-            out.append([b])
-    return out
+BATCHES_MIN = 4  # a group is cut into at least this many search batches where it has the blocks
+
+
+def _batches(blocks: int, block_rows: int) -> list:
+    """The search batches: runs of consecutive blocks, fixed by the group's size and the block
+    size alone. A query's candidates come from matrix products shared with the other queries
+    of its batch, whose rounding depends on their shapes (a list probed by one query of a
+    batch is a vector product), so the batches must not depend on the thread count or on
+    which blocks a killed run had finished: a near-tie would fall the other way. At most
+    SEARCH_ROWS rows a batch, and BATCHES_MIN batches at least (two per thread on 2 cores)."""
+    per_batch = max(1, min(SEARCH_ROWS // block_rows, -(-blocks // BATCHES_MIN)))
+    return [list(range(first, min(blocks, first + per_batch))) for first in range(0, blocks, per_batch)]
 
 
 RESCORE_ROWS = 1024  # queries rescored at once: keeps the gathered candidate features in cache
@@ -591,13 +635,22 @@ def write_parquet(path: str, group, cycle_id, neighbors, scores) -> int:
     return table.num_rows
 
 
+def load_table_name(gid: str, cycle_id: str) -> str:
+    return "m_" + hashlib.blake2b(f"{cycle_id}:{gid}".encode(), digest_size=12).hexdigest()
+
+
 def open_load_table(db: Database, gid: str, cycle_id: str) -> str:
     """A fresh (empty) load table for this cycle of the group: every attempt starts a new one."""
-    load = "m_" + hashlib.blake2b(f"{cycle_id}:{gid}".encode(), digest_size=12).hexdigest()
+    load = load_table_name(gid, cycle_id)
     with db.connect(autocommit=True) as conn:
         conn.execute(f"DROP TABLE IF EXISTS {pm.STAGE_SCHEMA}.{load}")
         pm.create_load_table(conn, load)
     return load
+
+
+def _drop_load_table(db: Database, load: str) -> None:
+    with db.connect(autocommit=True) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {pm.STAGE_SCHEMA}.{load}")
 
 
 def swap_cycle(db: Database, group, cycle_id: str, load: str, edges: int, timings) -> None:
@@ -607,28 +660,9 @@ def swap_cycle(db: Database, group, cycle_id: str, load: str, edges: int, timing
         faults.crash_point("match-before-swap")
         with conn.transaction():
             pm.swap_in(conn, group.group_id, load)
-            _cycle_completed(conn, group.group_id, cycle_id, len(group), edges, timings, group)
+            cycles.completed(conn, group.group_id, cycle_id, len(group), edges, timings, group)
 
 
 def _cycle_completed(conn, gid, cycle_id, nodes, edges, timings, group) -> None:
-    import json
-
     with conn.transaction():
-        _record_cycle(conn, gid, cycle_id, nodes, edges, json.dumps(timings), group)
-
-
-def _record_cycle(conn, gid, cycle_id, nodes, edges, timings_json, group) -> None:
-    conn.execute("UPDATE match_cycles SET status = 'COMPLETED', node_count = %s, edge_count = %s, timings = %s, "
-                 "error = NULL, finished_at = now() WHERE group_id = %s AND cycle_id = %s",
-                 (nodes, edges, timings_json, gid, cycle_id))
-    import pyarrow as pa
-
-    from mtool import contract
-    from mtool import copy as pgcopy
-
-    m = len(group.reference_ids)
-    payload = pgcopy.encode_rows([pgcopy.uuid_bytes(np.broadcast_to(contract.uuid_matrix([gid]), (m, 16))),
-                                  pgcopy.text(pa.array(group.reference_ids, pa.string())),
-                                  pgcopy.text(pa.repeat(pa.scalar(cycle_id, pa.string()), m))], m)
-    with conn.cursor() as cur:
-        pgcopy.copy_bytes(cur, "node_participation", ("group_id", "reference_id", "cycle_id"), payload)
+        cycles.completed(conn, gid, cycle_id, nodes, edges, timings, group)

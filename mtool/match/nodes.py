@@ -11,6 +11,7 @@ written, and re-running an import is safe.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import uuid
@@ -255,6 +256,7 @@ class GroupNodes:
     reference_ids: list
     metadata: dict  # key -> list of str | None, for the profile's keys (and the partition key)
     embedding: np.ndarray | None  # (N, D) float32, NaN rows where a node has none
+    digest: str = ""  # of the loaded data (load_group): the node part of a cycle's fingerprint
 
     def __len__(self) -> int:
         return len(self.reference_ids)
@@ -294,6 +296,9 @@ def load_group(conn, group_id: str, keys) -> GroupNodes:
             for data in cp:
                 buffer.write(data)
     names = ["reference_id", "domain_id"] + [f"k{i}" for i in range(len(keys))] + ["embedding"]
+    # What the cycle computes from, byte for byte (ids, the profile's keys, embeddings): its
+    # digest is the node part of the cycle's fingerprint (mtool/match/cycles.py).
+    digest = hashlib.blake2b(buffer.getbuffer(), digest_size=16).hexdigest()
     buffer.seek(0)
     table = csv.read_csv(
         buffer, read_options=csv.ReadOptions(column_names=names),
@@ -303,7 +308,7 @@ def load_group(conn, group_id: str, keys) -> GroupNodes:
     domains = table.column("domain_id")
     values = {k: table.column(f"k{i}").to_pylist() for i, k in enumerate(keys)}
     embedding = _parse_embeddings(table.column("embedding").combine_chunks())
-    return GroupNodes(group_id, domains[0].as_py() if len(domains) else "", refs, values, embedding)
+    return GroupNodes(group_id, domains[0].as_py() if len(domains) else "", refs, values, embedding, digest)
 
 
 def _parse_embeddings(texts) -> np.ndarray | None:

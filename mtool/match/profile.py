@@ -43,6 +43,15 @@ class MatchProfile:
     embedding_weight: float | None = None
     source: str = "<default>"
 
+    def describe(self) -> dict:
+        """Everything that changes the result, in a stable form (the cycle fingerprint's part;
+        `source`, the file's name, is not)."""
+        from dataclasses import asdict
+
+        return {"k": self.k, "bipartite": self.bipartite, "keys": [asdict(k) for k in self.keys],
+                "partition": None if self.partition is None else asdict(self.partition),
+                "embedding_weight": self.embedding_weight}
+
     @property
     def bipartite(self) -> bool:
         return self.mode == "bipartite" or (self.mode == "auto" and self.partition is not None)
@@ -50,58 +59,124 @@ class MatchProfile:
     def with_overrides(self, k: int | None = None, mode: str | None = None) -> "MatchProfile":
         from dataclasses import replace
 
-        out = replace(self, k=k or self.k, mode=mode or self.mode)
+        out = replace(self, k=self.k if k is None else check_k(k, "--k"), mode=mode or self.mode)
         if out.mode == "bipartite" and out.partition is None:
             raise ConfigError(f"{self.source}: mode bipartite needs a partition", hint="add partition: {key, left, right}")
         return out
+
+
+MAX_K = 1000  # matches kept per node at most: 1,000 x 1M nodes is already 10^9 edges per group
+FIELDS = ("k", "mode", "keys", "partition", "embedding")
+KEY_FIELDS = {"categorical": ("type", "weight", "required"),
+              "numeric": ("type", "weight", "required", "scale"),
+              "multi": ("type", "weight", "required", "separator")}
+PARTITION_FIELDS = ("key", "left", "right")
+EMBEDDING_FIELDS = ("weight",)
 
 
 def _bad(where: str, message: str) -> ConfigError:
     return ConfigError(f"profile {where}: {message}", hint="see the profile format in the README")
 
 
+def _check_fields(source: str, where: str, data: dict, known) -> None:
+    """Refuse a field the format does not have, naming the nearest known one (a typo such as
+    `wieght` must not be ignored: the weight would silently stay 1)."""
+    import difflib
+
+    for name in data:
+        if name not in known:
+            near = difflib.get_close_matches(str(name), known, n=1)
+            raise _bad(source, f"{where}unknown field {name!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+                       + f"; known: {', '.join(known)}")
+
+
+def _number(source: str, what: str, value) -> float:
+    """A finite, positive number: weights and scales (booleans, NaN and infinity refused)."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise _bad(source, f"{what} must be a finite positive number, not {value!r}")
+    return float(value)
+
+
+def _mapping(source: str, what: str, value) -> dict:
+    if not isinstance(value, dict):
+        raise _bad(source, f"{what} must be a mapping (name: value, ...), not {type(value).__name__} {value!r}")
+    return value
+
+
+def _scalar_text(source: str, what: str, value) -> str:
+    """A partition value: a string, or a number written without quotes (metadata values are text)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or str(value) == "":
+        raise _bad(source, f"{what} must be a non-empty string, not {value!r}")
+    return str(value)
+
+
+def check_k(k, what: str = "k") -> int:
+    """k is an integer from 1 to MAX_K (True is not 1); a k above a group's size keeps every candidate."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise ConfigError(f"{what} must be an integer from 1 to {MAX_K}, not {k!r}")
+    return k
+
+
+def _key(source: str, name, spec) -> KeySpec:
+    where = f"key {name!r}: "
+    spec = _mapping(source, f"key {name!r}", spec)
+    kind = spec.get("type")
+    if kind not in KEY_TYPES:
+        raise _bad(source, f"{where}type must be one of {', '.join(KEY_TYPES)}, not {kind!r}")
+    _check_fields(source, where, spec, KEY_FIELDS[kind])
+    weight = _number(source, f"{where}weight", spec.get("weight", 1.0))
+    required = spec.get("required", False)
+    if not isinstance(required, bool):
+        raise _bad(source, f"{where}required must be true or false, not {required!r}")
+    scale = None
+    if kind == "numeric":
+        if "scale" not in spec:
+            raise _bad(source, f"{where}a numeric key needs a scale (the distance at which its score reaches 0)")
+        scale = _number(source, f"{where}scale", spec["scale"])
+    separator = spec.get("separator", ",")
+    if not isinstance(separator, str) or separator == "":
+        raise _bad(source, f"{where}separator must be a non-empty string, not {separator!r}")
+    return KeySpec(str(name), kind, weight, required, scale, separator)
+
+
 def parse(data: dict, source: str = "<profile>") -> MatchProfile:
-    if not isinstance(data, dict):
-        raise _bad(source, "must be a mapping")
-    unknown = set(data) - {"k", "mode", "keys", "partition", "embedding"}
-    if unknown:
-        raise _bad(source, f"unknown field(s) {', '.join(sorted(unknown))}")
+    """A profile from its YAML/JSON data, every field checked (exit 78 naming the field)."""
+    _mapping(source, "the profile", data)
+    _check_fields(source, "", data, FIELDS)
     k = data.get("k", DEFAULT_K)
-    if not isinstance(k, int) or k < 1:
-        raise _bad(source, f"k must be a positive integer, not {k!r}")
+    try:
+        check_k(k)
+    except ConfigError as exc:
+        raise _bad(source, exc.message) from None
     mode = data.get("mode", "auto")
     if mode not in MODES:
         raise _bad(source, f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-    keys = []
-    for name, spec in (data.get("keys") or {}).items():
-        if not isinstance(spec, dict) or spec.get("type") not in KEY_TYPES:
-            raise _bad(source, f"key {name!r} needs type: one of {', '.join(KEY_TYPES)}")
-        weight = spec.get("weight", 1.0)
-        if not isinstance(weight, (int, float)) or weight <= 0:
-            raise _bad(source, f"key {name!r}: weight must be a positive number")
-        scale = spec.get("scale")
-        if spec["type"] == "numeric" and (not isinstance(scale, (int, float)) or scale <= 0):
-            raise _bad(source, f"key {name!r}: a numeric key needs a positive scale")
-        keys.append(KeySpec(name, spec["type"], float(weight), bool(spec.get("required", False)),
-                            float(scale) if scale else None, str(spec.get("separator", ","))))
+    keys_data = data.get("keys")
+    keys = tuple(_key(source, name, spec) for name, spec in
+                 (_mapping(source, "keys", keys_data) if keys_data is not None else {}).items())
     partition = None
     if data.get("partition") is not None:
-        p = data["partition"]
-        if not isinstance(p, dict) or not all(p.get(x) is not None for x in ("key", "left", "right")):
-            raise _bad(source, "partition needs key, left and right")
-        partition = Partition(str(p["key"]), str(p["left"]), str(p["right"]))
+        p = _mapping(source, "partition", data["partition"])
+        _check_fields(source, "partition: ", p, PARTITION_FIELDS)
+        missing = [x for x in PARTITION_FIELDS if p.get(x) is None]
+        if missing:
+            raise _bad(source, f"partition needs key, left and right (missing: {', '.join(missing)})")
+        partition = Partition(*(_scalar_text(source, f"partition {x}", p[x]) for x in PARTITION_FIELDS))
+        if partition.left == partition.right:
+            raise _bad(source, f"partition left and right must differ (both {partition.left!r}): a side cannot be "
+                               "matched with itself")
     embedding_weight = None
     if data.get("embedding") is not None:
-        w = (data["embedding"] or {}).get("weight", 1.0)
-        if not isinstance(w, (int, float)) or w <= 0:
-            raise _bad(source, "embedding weight must be a positive number")
-        embedding_weight = float(w)
+        e = _mapping(source, "embedding", data["embedding"])
+        _check_fields(source, "embedding: ", e, EMBEDDING_FIELDS)
+        embedding_weight = _number(source, "embedding weight", e.get("weight", 1.0))
     if not keys and embedding_weight is None:
         raise _bad(source, "names no key and no embedding: nothing to compare")
     if mode == "bipartite" and partition is None:
         raise _bad(source, "mode bipartite needs a partition")
-    return MatchProfile(k, mode, tuple(keys), partition, embedding_weight, source)
-
+    return MatchProfile(k, mode, keys, partition, embedding_weight, source)
 
 def load(path: str | None) -> MatchProfile:
     """A profile file (YAML or JSON); None: compare by embedding only."""

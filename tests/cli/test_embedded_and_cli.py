@@ -11,6 +11,7 @@ import tempfile
 
 import pytest
 
+from mtool.db import migrations
 from tests.conftest import run_mtool
 from tests.integration.helpers import G1, rows_for, write
 
@@ -22,9 +23,10 @@ def test_embedded_default_starts_from_nothing(files):
     try:
         init = run_mtool(["db", "init"], env=env, check_rc=0)
         assert f"started embedded PostgreSQL in {home}/postgres" in init.stderr
-        assert "schema at version 1" in init.stdout
+        latest = migrations.latest_version()
+        assert f"schema at version {latest}" in init.stdout
         status = json.loads(run_mtool(["db", "status", "--json"], env=env, check_rc=0).stdout)
-        assert status["running"] is True and status["schema_version"] == 1 and status["pending"] == 0
+        assert status["running"] is True and status["schema_version"] == latest and status["pending"] == 0
         path = write(files / "e.parquet", rows_for(G1, 50))
         result = json.loads(run_mtool(["ingest", path, "--json"], env=env, check_rc=0).stdout)
         assert result["status"] == "COMPLETED" and result["written_rows"] == 50

@@ -67,7 +67,7 @@ def score(profile, a, b):
         nb = sum(q * q for q in b["emb"]) ** 0.5
         num += profile["embedding"]["weight"] * (1 + dot / (na * nb)) / 2
         den += profile["embedding"]["weight"]
-    return num / den if den else 0.0
+    return num / den if den else None  # nothing in common: not compared, no edge
 
 
 def brute_force(profile, rows, partition=None):

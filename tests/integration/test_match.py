@@ -148,7 +148,7 @@ def test_bad_profile_and_bad_nodes_are_refused_before_any_work(dsn, files):
     proc = run_mtool(["match", "--profile", profile_file(files, not_numeric, "n.yaml")], dsn)
     assert proc.returncode == 65 and "numeric key 'city' has value" in proc.stderr
     proc = run_mtool(["match", "--profile", profile_file(files, {"k": 0, "keys": {}}, "k.yaml")], dsn)
-    assert proc.returncode == 78 and "k must be a positive integer" in proc.stderr
+    assert proc.returncode == 78 and "k must be an integer from 1 to 1000, not 0" in proc.stderr
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT count(*) FROM potential_matches").fetchone()[0] == 0
         assert conn.execute("SELECT count(*) FROM match_cycles").fetchone()[0] == 0  # refused before any group
