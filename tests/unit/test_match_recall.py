@@ -79,3 +79,34 @@ def test_approximate_bipartite_mode_reaches_recall_099_across_sides_only(tmp_pat
         hits += len(set(exact) & set(neighbors[q]))
         assert all(side[m] != side[q] for m in neighbors[q] if m >= 0)
     assert hits / (len(queries) * profile.k) >= 0.99
+
+
+def test_ties_resume_and_thread_count_give_the_same_matches(tmp_path):
+    """A population with heavy ties (4 cities, 6 interests, a 4-dim embedding): many candidates
+    tie in the search's inner products, so a search batch cut another way (by thread count, or
+    by which blocks a killed run had finished) used to keep another of the tied candidates.
+    Batches are now fixed by the group and the block size: the same matches every way."""
+    import json
+
+    from tests.integration.match_helpers import PROFILE, make_nodes
+
+    rows = make_nodes(EXACT_MAX + 2000, "g", "d", seed=9)
+    metas = [json.loads(r["metadata"]) for r in rows]
+    dim = 4
+    emb = np.array([r["embedding"] if r["embedding"] else [np.nan] * dim for r in rows], np.float32)
+    nodes = GroupNodes("g", "d", [r["reference_id"] for r in rows],
+                       {k: [m.get(k) for m in metas] for k in PROFILE["keys"]}, emb)
+    profile = prof.parse(PROFILE)
+    features = enc.encode(profile, nodes)
+    results = []
+    for run, threads in enumerate((1, 2, 2)):
+        opts = engine.MatchOptions(profile, Device.CPU, staging_dir=str(tmp_path), block_rows=7, threads=threads,
+                                   oversample=1)  # k + 1 candidates: any other candidate shows
+        staging = tmp_path / f"run{run}"
+        results.append(engine.stage_matches(opts, profile, nodes, features, str(staging)))
+        if run == 2:  # a resume after a kill: every third block (7 nodes) is computed again, the rest read back
+            for marker in sorted((staging / "done").iterdir(), key=lambda m: int(m.name))[::3]:
+                marker.unlink()
+            results.append(engine.stage_matches(opts, profile, nodes, features, str(staging)))
+    for neighbors, scores in results[1:]:
+        assert np.array_equal(neighbors, results[0][0]) and np.array_equal(scores, results[0][1])
