@@ -41,6 +41,9 @@ class Context:
 
         if self._db is None:
             if self.dsn:
+                from mtool.db.connection import check_dsn
+
+                check_dsn(self.dsn)
                 self._db = Database(self.dsn, self.retry_seconds)
             else:
                 self._db = Database(embedded_dsn(start_embedded), self.retry_seconds)
@@ -79,8 +82,15 @@ def embedded_dsn(start: bool = True) -> str:
 def cli(ctx, dsn, log_format, verbose, quiet, debug, db_retry_seconds):
     """mtool: the match pipeline of a dating platform.
 
-    Imports match suggestions (Parquet) into PostgreSQL as resumable jobs, and manages the
-    database. With no --dsn / MTOOL_DSN, an embedded PostgreSQL is started and reused.
+    \b
+    ingest        import match suggestions (Parquet: local, http(s), s3) as resumable jobs
+    jobs          list, show and retry import jobs
+    nodes import  import the users (nodes) that match compares
+    match         compute each group's top-K potential matches as a new cycle
+    db            schema migrations; the embedded PostgreSQL (start, stop, status)
+    demo          the whole pipeline on sample data
+
+    With no --dsn / MTOOL_DSN, an embedded PostgreSQL is started and reused (MTOOL_HOME).
 
     Exit codes: 0 ok, 1 bug, 2 usage, 3 finished with rejects, 65 invalid input,
     66 input not found, 75 dependency unavailable, 78 configuration, 130 interrupted.

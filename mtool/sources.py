@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import logging
 import os
 import shutil
 import tempfile
@@ -18,7 +19,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from mtool.db.connection import first_line
-from mtool.errors import DependencyUnavailable, InputNotFound, InvalidInput
+from mtool.errors import ConfigError, DependencyUnavailable, InputNotFound, InvalidInput
+
+log = logging.getLogger(__name__)
 
 # pyarrow reads column chunks through a buffer of this size instead of whole row groups at once:
 # what keeps memory bounded on files with huge row groups.
@@ -88,12 +91,36 @@ def _resolve_local(uri: str) -> list[Source]:
     return result
 
 
+# S3 and HTTP reads give up on a server that accepts connections and never answers: seconds
+# to connect and to wait for each read (MTOOL_CONNECT_TIMEOUT, MTOOL_READ_TIMEOUT).
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 60.0
+
+
+def timeouts() -> tuple[float, float]:
+    """(connect, read) timeouts in seconds, from MTOOL_CONNECT_TIMEOUT / MTOOL_READ_TIMEOUT."""
+    out = []
+    for name, default in (("MTOOL_CONNECT_TIMEOUT", CONNECT_TIMEOUT_S), ("MTOOL_READ_TIMEOUT", READ_TIMEOUT_S)):
+        raw = os.environ.get(name)
+        try:
+            value = float(raw) if raw else default
+            assert value > 0
+        except (ValueError, AssertionError):
+            raise ConfigError(f"{name}={raw!r} is not a positive number of seconds") from None
+        out.append(value)
+    return out[0], out[1]
+
+
 def s3_client():
     """A boto3 S3 client; endpoint and credentials come from the usual AWS_* variables
-    (AWS_ENDPOINT_URL points it at MinIO, Ceph or another S3-compatible server)."""
+    (AWS_ENDPOINT_URL points it at MinIO, Ceph or another S3-compatible server), with connect
+    and read timeouts and two retries (botocore's default waits 60 s per read, 5 times)."""
     import boto3
+    from botocore.config import Config
 
-    return boto3.client("s3")
+    connect, read = timeouts()
+    return boto3.client("s3", config=Config(connect_timeout=connect, read_timeout=read,
+                                            retries={"max_attempts": 3, "mode": "standard"}))
 
 
 def _resolve_s3(uri: str) -> list[Source]:
@@ -102,6 +129,7 @@ def _resolve_s3(uri: str) -> list[Source]:
     parsed = urlparse(uri)
     bucket, key = parsed.netloc, parsed.path.lstrip("/")
     client = s3_client()
+    log.info("%s: asking S3 (%s) for the object(s)", uri, client.meta.endpoint_url)
     try:
         if key and not key.endswith("/") and not any(c in key for c in WILDCARDS):
             head = client.head_object(Bucket=bucket, Key=key)
@@ -122,6 +150,13 @@ def _resolve_s3(uri: str) -> list[Source]:
         if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
             raise InputNotFound(f"{uri}: no such object ({code})") from None
         raise DependencyUnavailable(f"{uri}: S3 error {code}: {exc}") from None
+    except botocore.exceptions.NoCredentialsError:
+        raise ConfigError(f"{uri}: no S3 credentials found",
+                          hint="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or a role), "
+                               "and AWS_ENDPOINT_URL for an S3-compatible server") from None
+    except (botocore.exceptions.ConnectTimeoutError, botocore.exceptions.ReadTimeoutError) as exc:
+        raise DependencyUnavailable(f"{uri}: S3 at {client.meta.endpoint_url} did not answer in time ({exc})",
+                                    hint="MTOOL_CONNECT_TIMEOUT / MTOOL_READ_TIMEOUT set the limits") from None
     except botocore.exceptions.BotoCoreError as exc:
         raise DependencyUnavailable(f"{uri}: S3 unreachable: {exc}") from None
 
@@ -130,7 +165,8 @@ def _resolve_http(uri: str, download_dir: str | None) -> Source:
     import requests
 
     try:
-        head = requests.head(uri, allow_redirects=True, timeout=30)
+        log.info("%s: asking the HTTP server for the file", uri)
+        head = requests.head(uri, allow_redirects=True, timeout=timeouts())
     except requests.RequestException as exc:
         raise DependencyUnavailable(f"{uri}: HTTP server unreachable: {exc}") from None
     if head.status_code == 404:
@@ -152,7 +188,7 @@ def _download(uri: str, download_dir: str | None) -> str:
     os.makedirs(download_dir or tempfile.gettempdir(), exist_ok=True)
     fd, path = tempfile.mkstemp(suffix=".parquet", prefix="mtool-dl-", dir=download_dir)
     try:
-        with os.fdopen(fd, "wb") as out, smart_open.open(uri, "rb", transport_params={}) as src:
+        with os.fdopen(fd, "wb") as out, smart_open.open(uri, "rb", transport_params={"timeout": timeouts()}) as src:
             shutil.copyfileobj(src, out, DOWNLOAD_CHUNK_BYTES)
     except Exception as exc:
         os.unlink(path)
@@ -169,7 +205,7 @@ def open_stream(src: Source):
         return src.uri
     import smart_open
 
-    params = {"client": s3_client()} if kind == "s3" else {}
+    params = {"client": s3_client()} if kind == "s3" else {"timeout": timeouts()}
     return smart_open.open(src.uri, "rb", transport_params=params)
 
 

@@ -50,6 +50,51 @@ def describe_target(dsn: str) -> str:
     return f"{p.get('host', 'localhost')}:{p.get('port', 5432)}/{p.get('dbname', '')}"
 
 
+# Connection failures carry no SQLSTATE (libpq reports them as text before any session
+# exists), so these are told apart by libpq's and the server's fixed wording: a DSN that can
+# never work is a configuration error (exit 78 at once), not an outage to wait out.
+CONFIG_MESSAGES = (
+    ("does not exist", "the database or role does not exist"),  # FATAL 3D000 / 28000
+    ("password authentication failed", "authentication failed"),  # 28P01
+    ("no pg_hba.conf entry", "the server does not accept this client (pg_hba.conf)"),  # 28000
+    ("authentication method", "the server asks for an authentication method this client cannot use"),
+    ("invalid connection option", "the DSN has an unknown parameter"),
+    ("invalid integer value", "the DSN has a malformed value"),
+    ("invalid sslmode value", "the DSN has a malformed value"),
+    ("missing \"=\" after", "the DSN is malformed"),
+    ("invalid URI", "the DSN is malformed"),
+    ("unterminated quoted string", "the DSN is malformed"),
+)
+
+
+def configuration_problem(exc: BaseException) -> str | None:
+    """What is wrong with the connection settings, when the error says they can never work."""
+    import psycopg
+
+    if not isinstance(exc, psycopg.Error) or getattr(exc, "sqlstate", None):
+        return None
+    text = str(exc)
+    if isinstance(exc, psycopg.ProgrammingError):
+        return "the DSN is malformed"
+    for needle, what in CONFIG_MESSAGES:
+        if needle in text:
+            return what
+    return None
+
+
+def check_dsn(dsn: str) -> None:
+    """Refuse a DSN that does not parse (unknown parameter, bad quoting) before any work."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from mtool.errors import ConfigError
+
+    try:
+        conninfo_to_dict(dsn)
+    except Exception as exc:  # noqa: BLE001 - psycopg raises ProgrammingError for every parse problem
+        raise ConfigError(f"the DSN is malformed: {first_line(exc)}",
+                          hint="key=value pairs or a postgresql:// URI; see --dsn / MTOOL_DSN") from None
+
+
 def is_transient(exc: BaseException) -> bool:
     import psycopg
 
@@ -86,6 +131,13 @@ class Database:
             try:
                 return fn()
             except Exception as exc:
+                problem = configuration_problem(exc)
+                if problem:
+                    from mtool.errors import ConfigError
+
+                    raise ConfigError(f"PostgreSQL at {describe_target(self.dsn)}: {problem}: {_redacted(exc, self.dsn)}",
+                                      hint="fix --dsn / MTOOL_DSN (or create the database: `createdb`, then "
+                                           "`mtool db init`)") from None
                 if not is_transient(exc):
                     raise
                 if time.monotonic() + delay > deadline:
@@ -110,6 +162,18 @@ class Database:
                 return result
 
         return self.retry(attempt, what)
+
+
+def _redacted(exc: BaseException, dsn: str) -> str:
+    """The error's text without the DSN's password (libpq may echo option values)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    text = " ".join(str(exc).split())
+    try:
+        password = conninfo_to_dict(dsn).get("password")
+    except Exception:  # noqa: BLE001
+        password = None
+    return text.replace(password, "***") if password else text
 
 
 def first_line(exc: BaseException) -> str:
