@@ -233,7 +233,7 @@ def test_nodes_import_rejects_bad_rows_and_keeps_the_good_ones_exactly(dsn, file
     assert reasons == {"": "reference_id is null or empty", "b-uuid": "group_id or domain_id is not a valid UUID",
                        "b-nan": "embedding has a null, NaN or infinite value",
                        "b-null": "embedding has a null, NaN or infinite value",
-                       "b-dims": "embedding has 2 values, this group's have 3",
+                       "b-dims": f"embedding has 2 values, group {g}'s have 3",
                        "b-json": "metadata is not a JSON object"}
     with psycopg.connect(dsn) as conn:
         stored = dict(conn.execute("SELECT reference_id, embedding FROM nodes WHERE group_id = %s", [g]).fetchall())
