@@ -354,13 +354,7 @@ def jobs_show(obj, job_id, as_json):
             raise InputNotFound(f"no import job {job_id}", hint="see `mtool jobs list`")
         out = job.to_json()
         out["running"] = repo.is_locked_elsewhere(conn, job.job_id)
-    if as_json:
-        click.echo(json.dumps(out, default=str))
-    else:
-        for key, value in out.items():
-            if isinstance(value, dict):
-                value = ", ".join(f"{k} {v}" for k, v in value.items())
-            click.echo(f"{key:>16}: {value}")
+    _emit(out, as_json)
 
 
 @jobs.command("retry")

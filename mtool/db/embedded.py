@@ -85,9 +85,8 @@ def _has_server(path: Path) -> bool:
 
 def machine_bin_dirs() -> list[Path]:
     """Server binaries installed on the machine: `pg_ctl` on PATH, then Debian's and RPM's folders."""
-    found = []
-    if shutil.which("pg_ctl"):
-        found.append(Path(shutil.which("pg_ctl")).resolve().parent)
+    on_path = shutil.which("pg_ctl")
+    found = [Path(on_path).resolve().parent] if on_path else []
     found += [Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
     found += [Path(p) for p in sorted(glob.glob("/usr/pgsql-*/bin"), reverse=True)]
     return [p for p in found if _has_server(p)]

@@ -40,6 +40,11 @@ def staging_path(staging_dir: str, cycle_id: str, gid: str) -> str:
     return os.path.join(staging_dir, cycle_id, gid)
 
 
+def load_table_name(gid: str, cycle_id: str) -> str:
+    """The cycle's load table in the stage schema (one per group and cycle)."""
+    return "m_" + hashlib.blake2b(f"{cycle_id}:{gid}".encode(), digest_size=12).hexdigest()
+
+
 def choose(conn, gid: str, fp: str, requested: str | None) -> tuple[str | None, list[str]]:
     """(the cycle to resume or None for a new one, the cycles whose leftovers must go).
 
@@ -54,7 +59,11 @@ def choose(conn, gid: str, fp: str, requested: str | None) -> tuple[str | None, 
             resume = requested
     elif rows and rows[0][1] in RESUMABLE and rows[0][2] == fp:
         resume = rows[0][0]
-    stale = [cid for cid, status, _ in rows if status in RESUMABLE and cid != resume]
+    # Cycles before the newest finished one were cleaned up by the run that made it: only the
+    # unfinished ones since then can have staging or a load table left (not every FAILED cycle
+    # in the group's history, on every run).
+    finished = next((i for i, (_, status, _) in enumerate(rows) if status in ("COMPLETED", "SKIPPED")), len(rows))
+    stale = [cid for cid, status, _ in rows[:finished] if status in RESUMABLE and cid != resume]
     if requested is not None and requested != resume and requested not in stale:
         stale.append(requested)  # a finished cycle's id given again: nothing of its old run may stay
     abandoned = [cid for cid, status, _ in rows if status == "PROCESSING" and cid != resume]
@@ -65,7 +74,7 @@ def choose(conn, gid: str, fp: str, requested: str | None) -> tuple[str | None, 
     return resume, stale
 
 
-def remove_leftovers(db, staging_dir: str, gid: str, cycle_ids, load_table_name) -> None:
+def remove_leftovers(db, staging_dir: str, gid: str, cycle_ids) -> None:
     """Staging files and load tables of cycles that will not be resumed."""
     from mtool.db import matches as pm
 

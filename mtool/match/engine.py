@@ -210,7 +210,7 @@ def _run_group_with_retries(session, db, opts, gid, did) -> GroupResult:
             cycle_inputs = cycles.inputs(opts, group)
             fp = cycles.fingerprint(cycle_inputs)
             resume, stale = session.run(lambda c: cycles.choose(c, gid, fp, opts.cycle_id), "choose cycle")
-            cycles.remove_leftovers(db, opts.staging_dir, gid, stale, load_table_name)
+            cycles.remove_leftovers(db, opts.staging_dir, gid, stale)
         except Exception as exc:  # noqa: BLE001 - the group's nodes cannot be matched; the others go on
             error = str(exc) if isinstance(exc, MtoolError) else f"{type(exc).__name__}: {exc}"
             cycle_id = opts.cycle_id or str(uuid.uuid4())
@@ -635,13 +635,9 @@ def write_parquet(path: str, group, cycle_id, neighbors, scores) -> int:
     return table.num_rows
 
 
-def load_table_name(gid: str, cycle_id: str) -> str:
-    return "m_" + hashlib.blake2b(f"{cycle_id}:{gid}".encode(), digest_size=12).hexdigest()
-
-
 def open_load_table(db: Database, gid: str, cycle_id: str) -> str:
     """A fresh (empty) load table for this cycle of the group: every attempt starts a new one."""
-    load = load_table_name(gid, cycle_id)
+    load = cycles.load_table_name(gid, cycle_id)
     with db.connect(autocommit=True) as conn:
         conn.execute(f"DROP TABLE IF EXISTS {pm.STAGE_SCHEMA}.{load}")
         pm.create_load_table(conn, load)
