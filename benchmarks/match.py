@@ -1,6 +1,7 @@
 """Match engine quality and speed against FAISS exact flat search and pynndescent, one run.
 
-    python benchmarks/match.py [--nodes 1000000] [--k 20] [--oversample 4] [--sample 300] [--repeat 1]
+    python benchmarks/match.py [--nodes 1000000] [--k 20] [--sample 300] [--repeat 1] [--target-recall 0.99]
+    python benchmarks/match.py --family [--nodes 100000] [--seed 1] [--members today,required,...]
 
 Makes a clustered population in one group (city, age, interests and a 64-dim embedding), then
 prints for mtool's engine (candidate search + exact rescoring + top-K, through the same code
@@ -9,6 +10,11 @@ top-K; pynndescent's k-NN graph with the dot metric): nodes/s, recall@K against 
 top-K by the true compatibility score (computed on --sample random query nodes), and the
 process's peak RSS after each step. --repeat N runs mtool and pynndescent N times each,
 alternated, and compares their medians.
+
+--family runs one member of each kind of mtool.match.population.FAMILY (parameters drawn from
+--seed) and prints for each: recall@K against the exact top K (its own sample, independent of
+the engine's), the engine's own estimate, the search width calibration chose per plan, nodes/s
+and peak RSS; and the worst member.
 """
 
 from __future__ import annotations
@@ -55,13 +61,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, default=1_000_000)
     ap.add_argument("--k", type=int, default=20)
-    ap.add_argument("--oversample", type=int, default=engine.MatchOptions.oversample)
+    ap.add_argument("--target-recall", type=float, default=engine.MatchOptions.target_recall)
+    ap.add_argument("--family", action="store_true", help="the family of populations instead (see above)")
+    ap.add_argument("--seed", type=int, default=1, help="--family: the seed its parameters are drawn from")
+    ap.add_argument("--members", default=",".join(popm.FAMILY), help="--family: the kinds to run")
     ap.add_argument("--sample", type=int, default=300)
     ap.add_argument("--skip-baselines", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, help="mtool and pynndescent runs, alternated; the "
                     "throughput ratio is of their medians (this machine's timings vary by 10-20%%)")
     args = ap.parse_args()
     n, k = args.nodes, args.k
+    if args.family:
+        return run_family(args)
 
     t = time.perf_counter()
     p = popm.population(n)
@@ -81,12 +92,12 @@ def main() -> None:
     import zarr  # noqa: F401
 
     def run_mtool() -> float:
-        opts = engine.MatchOptions(profile, Device.CPU, oversample=args.oversample,
+        opts = engine.MatchOptions(profile, Device.CPU, target_recall=args.target_recall,
                                    staging_dir=scratch_dir("mtool-bench-match-"))
         t = time.perf_counter()
         nb, _ = engine.stage_matches(opts, profile, nodes, features, os.path.join(opts.staging_dir, "bench"))
         dt = time.perf_counter() - t
-        print(f"mtool (vectors + list-join candidates x{args.oversample} + exact rescoring): {n / dt:>9,.0f} nodes/s "
+        print(f"mtool (vectors + calibrated list-join candidates + exact rescoring): {n / dt:>9,.0f} nodes/s "
               f"({dt:.1f} s)  recall@{k} {recall(nb, exact, queries):.4f}  peak RSS {peak_rss_mib()} MiB", flush=True)
         return dt
 
@@ -121,6 +132,64 @@ def main() -> None:
     label = f"median of {args.repeat} runs each: " if args.repeat > 1 else ""
     print(f"mtool / pynndescent throughput: {label}{p / m:.2f}x (mtool {n / m:,.0f} nodes/s, pynndescent "
           f"{n / p:,.0f} nodes/s)")
+
+
+def run_family(args) -> None:
+    """Each member: the engine through stage_matches (the same code as `mtool match`), then
+    recall on --sample queries against their exact top K by the compatibility kernel."""
+    worst = None
+    for kind in args.members.split(","):
+        cols, spec = popm.member(kind, args.nodes, args.seed)
+        spec = {**spec, "k": args.k}
+        keys = list(spec["keys"]) + (["gender"] if "partition" in spec else [])
+        nodes = GroupNodes(kind, kind, cols["reference_id"], {c: cols[c] for c in keys}, cols["embedding"])
+        profile = prof.parse(spec, kind)
+        features = enc.encode(profile, nodes)
+        opts = engine.MatchOptions(profile, Device.CPU, target_recall=args.target_recall,
+                                   staging_dir=scratch_dir("mtool-bench-family-"))
+        stats: dict = {"widen_to": 0}
+        t = time.perf_counter()
+        while stats["widen_to"] is not None:  # as engine._run_group: a pass short of the target is redone wider
+            nb, _ = engine.stage_matches(opts, profile, nodes, features, os.path.join(
+                opts.staging_dir, kind, str(stats["widen_to"])), stats, floor=stats["widen_to"])
+        dt = time.perf_counter() - t
+        rec = family_recall(profile, nodes, features, nb, args.sample)
+        q = stats["quality"]
+        plans = "; ".join(f"{p['queries']}q/{p['pool']}p level {p['level']} ({p['candidates']} cand.)"
+                          for p in q["plans"][:4]) + (f"; +{len(q['plans']) - 4} plans" if len(q["plans"]) > 4 else "")
+        print(f"{kind:<10} recall@{args.k} {rec:.4f} (benchmark's sample) | estimate {q['recall_estimate']:.4f} "
+              f"(lower {q['recall_lower_95']:.4f}) | {args.nodes / dt:>8,.0f} nodes/s ({dt:.1f} s, calibration "
+              f"{stats.get('calibration_s', 0):.1f} s, check {stats.get('check_s', 0):.1f} s) | peak RSS "
+              f"{peak_rss_mib()} MiB | {plans}" + (f" | WARNING {q['warning']}" if q["warning"] else ""), flush=True)
+        if worst is None or rec < worst[1]:
+            worst = (kind, rec)
+    print(f"worst member: {worst[0]} recall@{args.k} {worst[1]:.4f} (seed {args.seed}, {args.nodes:,} nodes)")
+
+
+def family_recall(profile, nodes, features, found, sample: int) -> float:
+    """Recall of `found` on sampled queries against the exact top K by the compatibility kernel,
+    honouring sides (bipartite) and required keys: the kernel excludes those pairs itself."""
+    n = len(nodes)
+    rank = np.arange(n)
+    everyone = np.arange(n)
+    side = np.array(nodes.metadata[profile.partition.key], dtype=object) if profile.bipartite else None
+    rng = np.random.default_rng(99)
+    hits = total = 0
+    for q in rng.choice(n, min(sample, n), replace=False):
+        pool = everyone
+        if side is not None:
+            other = {profile.partition.left: profile.partition.right,
+                     profile.partition.right: profile.partition.left}.get(side[q])
+            if other is None:
+                continue
+            pool = everyone[side == other]
+        s = compat.pair_scores(features, np.array([q]), pool[None, :])
+        s[0, pool == q] = -np.inf
+        exact = compat.top_k(s, pool[None, :], rank, profile.k)[0][0]
+        exact = exact[exact >= 0]
+        total += len(exact)
+        hits += len(set(exact.tolist()) & set(found[q][found[q] >= 0].tolist()))
+    return hits / total if total else 1.0
 
 
 def flat_baseline(vecs, features, exact, queries, n, k) -> None:

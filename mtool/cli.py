@@ -470,6 +470,16 @@ def nodes_import(obj, uris, group_id, domain_id, mapping, max_rejects, rejects_f
 @opt("--block-rows", type=click.IntRange(1, 1 << 22), default=16384, show_default=True,
      help="Query nodes per staging chunk: the unit of resume and of memory. Part of the cycle's "
           "fingerprint: an interrupted cycle resumes only with the same value.")
+@opt("--target-recall", type=click.FloatRange(0, 1, min_open=True), default=None,
+     help="Recall@K each approximate search aims for (default: the profile's target_recall, else 0.99). "
+          "Each cycle calibrates its search width on a sample of queries, checks the result on another "
+          "sample against the exact top K, computes the group again wider when it falls short, and records "
+          "the estimate (match_cycles.quality, --json, the log, the match_recall_estimate gauge).")
+@opt("--max-candidates", type=click.IntRange(1), default=None,
+     help="Candidates per query at most: a ceiling on the search's work. A group that cannot reach the "
+          "target under it ends COMPLETED with a warning naming its estimate.")
+@opt("--recall-sample", type=click.IntRange(8, 100_000), default=256, show_default=True,
+     help="Queries per calibration sample and per verification sample, per search plan.")
 @opt("--allow-empty", is_flag=True,
      help="Let a cycle that found no edge (an empty side, no comparable data) replace the group's matches "
           "with none. Without it such a group is SKIPPED, its previous matches kept, and the exit code is 3.")
@@ -478,7 +488,7 @@ def nodes_import(obj, uris, group_id, domain_id, mapping, max_rejects, rejects_f
 @opt("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @click.pass_obj
 def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, cycle_id, output, block_rows,
-          allow_empty, metrics_textfile, pushgateway, as_json):
+          target_recall, max_candidates, recall_sample, allow_empty, metrics_textfile, pushgateway, as_json):
     """Compute each selected group's top-K potential matches and write them as a new cycle.
 
     Readers of potential_matches see a group's previous cycle until its new one is complete.
@@ -507,7 +517,8 @@ def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, 
     opts = engine.MatchOptions(profile_obj, dev.choose(device), tuple(domain_ids), tuple(group_ids), (index, count),
                                cycle_id, None if output == "postgres" else output,
                                block_rows=block_rows, staging_dir=os.path.join(state_dir(), "staging"),
-                               allow_empty=allow_empty,
+                               allow_empty=allow_empty, max_candidates=max_candidates, recall_sample=recall_sample,
+                               target_recall=target_recall or profile_obj.target_recall or engine.calibrate.DEFAULT_TARGET,
                                workers=max(1, workers), metrics=metrics)
 
     # Progress in nodes: blocks of a group as they finish (inline), whole groups as they end.

@@ -6,7 +6,7 @@ Batch commands fill a private registry and, when asked, write it as a node-expor
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, push_to_gateway, write_to_textfile
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway, write_to_textfile
 
 STORAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
@@ -71,5 +71,8 @@ class MatchMetrics(_BatchMetrics):
                                registry=self.registry, buckets=STORAGE_BUCKETS)
         # Top-K edges written.
         self.generated = Counter("matches_generated", "Matches generated", ["groupId"], registry=self.registry)
+        # The recall@K each group's last cycle measured on its verification sample (1.0: exact).
+        self.recall = Gauge("match_recall_estimate", "Recall@K estimate of the group's cycle", ["groupId"],
+                            registry=self.registry)
         # Group cycles by final status.
         self.cycles = Counter("match_cycles", "Group match cycles", ["status"], registry=self.registry)

@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 
-ENGINE_VERSION = 2  # bump when the same inputs would give other results (search, scoring)
+ENGINE_VERSION = 3  # bump when the same inputs would give other results (search, scoring)
 RESUMABLE = ("PROCESSING", "FAILED")
 
 
@@ -29,7 +29,8 @@ def inputs(opts, group) -> dict:
     """Everything that decides a cycle's result."""
     return {"nodes": len(group), "nodes_digest": group.digest, "profile": opts.profile.describe(),
             "device": getattr(opts.device, "value", str(opts.device)), "block_rows": opts.block_rows,
-            "oversample": opts.oversample, "engine": ENGINE_VERSION}
+            "target_recall": opts.target_recall, "max_candidates": opts.max_candidates,
+            "recall_sample": opts.recall_sample, "engine": ENGINE_VERSION}
 
 
 def fingerprint(cycle_inputs: dict) -> str:
@@ -114,7 +115,7 @@ def skipped(conn, gid, cycle_id, nodes: int, reason: str, timings: dict) -> None
                  (nodes, reason, json.dumps(timings), gid, cycle_id))
 
 
-def completed(conn, gid, cycle_id, nodes, edges, timings: dict, group) -> None:
+def completed(conn, gid, cycle_id, nodes, edges, timings: dict, group, quality: dict) -> None:
     """COMPLETED with counts and timings, and the group's node_participation, in the caller's
     transaction (the swap's, so readers see the new cycle and its row at once)."""
     import numpy as np
@@ -124,8 +125,8 @@ def completed(conn, gid, cycle_id, nodes, edges, timings: dict, group) -> None:
     from mtool import copy as pgcopy
 
     conn.execute("UPDATE match_cycles SET status = 'COMPLETED', node_count = %s, edge_count = %s, timings = %s, "
-                 "error = NULL, finished_at = now() WHERE group_id = %s AND cycle_id = %s",
-                 (nodes, edges, json.dumps(timings), gid, cycle_id))
+                 "quality = %s, error = NULL, finished_at = now() WHERE group_id = %s AND cycle_id = %s",
+                 (nodes, edges, json.dumps(timings), json.dumps(quality), gid, cycle_id))
     conn.execute("DELETE FROM node_participation WHERE group_id = %s AND cycle_id = %s", (gid, cycle_id))  # an id reused
     m = len(group.reference_ids)
     payload = pgcopy.encode_rows([pgcopy.uuid_bytes(np.broadcast_to(contract.uuid_matrix([gid]), (m, 16))),

@@ -28,15 +28,14 @@ from mtool import faults
 from mtool.db import matches as pm
 from mtool.db.connection import Database, Session
 from mtool.errors import InvalidInput, MtoolError
-from mtool.kernels import compat
-from mtool.match import cycles
+from mtool.match import calibrate, cycles
 from mtool.match import encode as enc
 from mtool.match import nodes as node_repo
+from mtool.match.rescore import top_k_for, work_features_on
 from mtool.match.search import EXACT_MAX, ListJoin, compute_pool, take_rows
 from mtool.match.writer import EdgeWriter, edge_columns
 
 log = logging.getLogger(__name__)
-PAIR_BUDGET = 2_000_000  # query x candidate pairs scored at once: bounds memory per block
 GROUP_ATTEMPTS = 3
 RETRY_BACKOFF_S = 1.0
 
@@ -50,7 +49,9 @@ class MatchOptions:
     shard: tuple = (0, 1)
     cycle_id: str | None = None
     output: str | None = None  # a .parquet path: write matches there instead of the database
-    oversample: int = 4  # candidates per kept match: recall@20 >= 0.99 at 100k and 1M nodes (benchmarks/match.py)
+    target_recall: float = calibrate.DEFAULT_TARGET  # recall@K each approximate plan is calibrated and checked for
+    max_candidates: int | None = None  # candidates per query at most (a ceiling on the search's work)
+    recall_sample: int = calibrate.DEFAULT_SAMPLE  # queries per calibration and per verification sample
     block_rows: int = 16384  # staging chunk (resume unit); search batches join up to 4 (SEARCH_ROWS)
     staging_dir: str = "."
     threads: int | None = None  # compute threads per group process (default: CPUs / workers)
@@ -70,6 +71,7 @@ class GroupResult:
     seconds: float = 0.0
     error: str | None = None
     empty: bool = False  # SKIPPED because the cycle found no edge (exit 3), not for a lock
+    quality: dict | None = None  # the recall estimate and the search each plan used (calibrate.py)
     graph_build_s: float | None = None
     block_seconds: list = field(default_factory=list)
 
@@ -124,6 +126,8 @@ def run(db: Database, opts: MatchOptions, on_group=None, on_plan=None) -> MatchS
         if opts.metrics:
             opts.metrics.cycles.labels(result.status).inc()
             opts.metrics.generated.labels(result.group_id).inc(result.edges)
+            if result.quality:
+                opts.metrics.recall.labels(result.group_id).set(result.quality["recall_estimate"])
             if result.graph_build_s is not None:
                 opts.metrics.graph_build.labels(result.group_id).observe(result.graph_build_s)
             for seconds in result.block_seconds:
@@ -230,7 +234,8 @@ def _run_group_with_retries(session, db, opts, gid, did) -> GroupResult:
                 edges, empty = _run_group(session, db, opts, group, features, cycle_id, stats, dict(timings))
                 status = "SKIPPED" if empty else "COMPLETED"
                 return GroupResult(gid, status, cycle_id, len(group), edges, time.monotonic() - t_attempt,
-                                   error=empty, empty=bool(empty), graph_build_s=stats.get("graph_build_s"),
+                                   error=empty, empty=bool(empty), quality=stats.get("quality"),
+                                   graph_build_s=stats.get("graph_build_s"),
                                    block_seconds=stats.get("block_seconds", []))
             except MtoolError as exc:
                 error = str(exc)
@@ -263,44 +268,66 @@ def _no_edge_reason(profile, group) -> str | None:
 def _run_group(session, db, opts, group, features, cycle_id, stats: dict, timings: dict) -> tuple[int, str | None]:
     """One attempt at the cycle: (edges, None) when the edges replaced the group's, or (0,
     reason) when there was no edge and nothing was replaced (SKIPPED; --allow-empty swaps an
-    empty cycle in instead)."""
+    empty cycle in instead). A pass whose recall check falls short of the target while a wider
+    search is allowed is thrown away and the group computed again from that width (each pass
+    stages under its own folder, so a killed run resumes the pass it was in)."""
     profile, gid, n = opts.profile, group.group_id, len(group)
     reason = None if opts.allow_empty else _no_edge_reason(profile, group)
     if reason:
         return _skip(session, gid, cycle_id, n, reason, timings)
     t = time.monotonic()
-    staging = cycles.staging_path(opts.staging_dir, cycle_id, gid)
-    writer = load = None
-    if not opts.output:  # edges stream into a fresh load table as blocks finish (mtool/match/writer.py)
-        load = db.retry(lambda: open_load_table(db, gid, cycle_id), "create load table")
-        writer = EdgeWriter(db, load, group, cycle_id, staging, opts.block_rows)
-    try:
-        neighbors, scores = stage_matches(opts, profile, group, features, staging, stats,
-                                          on_block=writer.send if writer else None, want_result=bool(opts.output))
-        timings["match_s"] = round(time.monotonic() - t, 3)
-        t = time.monotonic()
-        if opts.output:
-            edges = int(np.count_nonzero(neighbors >= 0))
-            if edges or opts.allow_empty:
-                edges = write_parquet(opts.output, group, cycle_id, neighbors, scores)
-                session.run(lambda c: _cycle_completed(c, gid, cycle_id, n, edges, timings, group), "complete cycle")
-        else:
-            edges = writer.finish()
-            writer = None
-            if edges or opts.allow_empty:
-                db.retry(lambda: swap_cycle(db, group, cycle_id, load, edges, timings), "commit cycle")
+    root = cycles.staging_path(opts.staging_dir, cycle_id, gid)
+    floor, passes = 0, 0
+    while True:
+        staging = os.path.join(root, f"from-level-{floor}")
+        passes += 1
+        writer = load = None
+        if not opts.output:  # edges stream into a fresh load table as blocks finish (mtool/match/writer.py)
+            load = db.retry(lambda: open_load_table(db, gid, cycle_id), "create load table")
+            writer = EdgeWriter(db, load, group, cycle_id, staging, opts.block_rows)
+        try:
+            neighbors, scores = stage_matches(opts, profile, group, features, staging, stats, floor=floor,
+                                              on_block=writer.send if writer else None,
+                                              want_result=bool(opts.output))
+            quality = dict(stats["quality"], passes=passes)
+            if stats["widen_to"] is not None:
+                log.warning("group %s: recall estimate %.4f is below the target %s: computing it again with a wider "
+                            "search (level %d)", gid, quality["recall_estimate"], opts.target_recall,
+                            stats["widen_to"], extra={"group_id": gid, "cycle_id": cycle_id})
+                floor = stats["widen_to"]
+                continue  # the finally below stops this pass's writer; its load table is made anew
+            for key in ("calibration_s", "check_s"):
+                timings[key] = round(stats.get(key, 0.0), 3)
+            timings["match_s"] = round(time.monotonic() - t, 3)
+            t = time.monotonic()
+            if opts.output:
+                edges = int(np.count_nonzero(neighbors >= 0))
+                if edges or opts.allow_empty:
+                    edges = write_parquet(opts.output, group, cycle_id, neighbors, scores)
+                    session.run(lambda c: _cycle_completed(c, gid, cycle_id, n, edges, timings, group, quality),
+                                "complete cycle")
             else:
-                db.retry(lambda: _drop_load_table(db, load), "drop load table")
-    finally:
-        if writer is not None:
-            writer.abort()
-    shutil.rmtree(staging, ignore_errors=True)
+                edges = writer.finish()
+                writer = None
+                if edges or opts.allow_empty:
+                    db.retry(lambda: swap_cycle(db, group, cycle_id, load, edges, timings, quality), "commit cycle")
+                else:
+                    db.retry(lambda: _drop_load_table(db, load), "drop load table")
+            break
+        finally:
+            if writer is not None:
+                writer.abort()
+    shutil.rmtree(root, ignore_errors=True)
+    stats["quality"] = quality
     if not edges and not opts.allow_empty:
         return _skip(session, gid, cycle_id, n, "no pair of nodes could be compared: every pair lacks a common key "
                      "or is excluded by a required key", timings)
     timings["write_s"] = round(time.monotonic() - t, 3)
-    log.info("group %s: %d nodes, %d edges, cycle %s (%s)", gid, n, edges, cycle_id, timings,
-             extra={"group_id": gid, "cycle_id": cycle_id})
+    if quality["warning"]:
+        log.warning("group %s: %s", gid, quality["warning"], extra={"group_id": gid, "cycle_id": cycle_id})
+    log.info("group %s: %d nodes, %d edges, recall estimate %.4f (95%% lower bound %.4f, target %s), cycle %s (%s)",
+             gid, n, edges, quality["recall_estimate"], quality["recall_lower_95"], opts.target_recall, cycle_id,
+             timings, extra={"group_id": gid, "cycle_id": cycle_id})
     return edges, None
 
 
@@ -313,37 +340,64 @@ def _skip(session, gid, cycle_id, n, reason: str, timings: dict) -> tuple[int, s
 
 # -- compute -------------------------------------------------------------------------------
 
-def _sides(profile, group) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(query node indices, pool node indices) pairs: one for symmetric, two for bipartite."""
+def _sides(profile, group, features) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(query node indices, pool node indices) pairs: one for symmetric, two for bipartite, each
+    split by the values of the required categorical keys. A pair that differs on such a key is
+    excluded anyway, so each value is searched on its own and no candidate slot goes to a pair
+    the filter drops (a rare value gets its own exact or calibrated search). Nodes lacking a
+    required categorical key can match nobody and are in no pair."""
     n = len(group)
     everyone = np.arange(n)
-    if not profile.bipartite:
-        return [(everyone, everyone)]
-    side = np.array(group.metadata[profile.partition.key], dtype=object)
-    left = np.flatnonzero(side == profile.partition.left)
-    right = np.flatnonzero(side == profile.partition.right)
-    return [(left, right), (right, left)]
+    if profile.bipartite:
+        side = np.array(group.metadata[profile.partition.key], dtype=object)
+        left = np.flatnonzero(side == profile.partition.left)
+        right = np.flatnonzero(side == profile.partition.right)
+        sides = [(left, right), (right, left)]
+    else:
+        sides = [(everyone, everyone)]
+    required = [codes for codes, _, req in features.categorical if req]
+    if not required:
+        return sides
+    codes = np.stack(required, axis=1)
+    valid = (codes >= 0).all(axis=1)
+    _, value = np.unique(codes[valid], axis=0, return_inverse=True)
+    bucket = np.full(n, -1, np.int64)
+    bucket[valid] = value.reshape(-1)
+    out = []
+    for v in range(int(bucket.max()) + 1):
+        if not profile.bipartite:
+            members = np.flatnonzero(bucket == v)
+            out.append((members, members))
+            continue
+        left_v, right_v = left[bucket[left] == v], right[bucket[right] == v]
+        if len(left_v) and len(right_v):
+            out += [(left_v, right_v), (right_v, left_v)]
+    return out
 
 
 @dataclass
 class Plan:
     """One search direction: `queries` (node indices, in processing order) matched against
-    `pool` (node indices; in list order when `join` is set). `probes` are indexed by node (None
-    for an exact pool); `offset` is the pool's first row in the work order."""
+    `pool` (node indices; in list order when `join` is set). `probes` (None for an exact pool)
+    has a row per query in `queries`' order; `offset` is the pool's first row in the work
+    order; `level` the search width calibration chose (calibrate.LEVELS)."""
     queries: np.ndarray
     pool: np.ndarray
     join: ListJoin | None = None
     probes: np.ndarray | None = None
     offset: int = 0
+    level: int = calibrate.EXACT
+    quality: calibrate.PlanQuality | None = None
 
 
 def _plans(opts, profile, group, features, stats: dict) -> tuple[list, np.ndarray | None]:
     """The search plans, and the search vectors by node where the queries need them (bipartite
-    mode; in symmetric mode the join's list-order copy serves, 376 MB less at 1M nodes)."""
+    mode, or pools split by a required key; for one symmetric pool the join's list-order copy
+    serves, 376 MB less at 1M nodes)."""
     n = len(group)
     vecs = None
     plans = []
-    for queries, pool in _sides(profile, group):
+    for queries, pool in _sides(profile, group, features):
         if len(queries) == 0 or len(pool) == 0:
             continue
         plan = Plan(queries, pool)
@@ -351,17 +405,14 @@ def _plans(opts, profile, group, features, stats: dict) -> tuple[list, np.ndarra
             t_build = time.monotonic()
             if vecs is None:
                 vecs = enc.vectors(profile, features, n)
-            join = ListJoin(vecs if len(pool) == n else vecs[pool], opts.device, opts.threads)  # symmetric: no copy
+            join = ListJoin(vecs if len(pool) == n else vecs[pool], opts.device, opts.threads)  # one pool: no copy
             probes = join.pool_probes if queries is pool else join.probes(vecs[queries])
             by_list = np.argsort(probes[:, 0], kind="stable")  # neighbours share lists: cache-friendly blocks
-            node_probes = probes  # by node: valid for a saved order too (symmetric: already)
-            if len(queries) != n:
-                node_probes = np.empty((n, probes.shape[1]), probes.dtype)
-                node_probes[queries] = probes
-            plan = Plan(queries[by_list], pool[join.order], join, node_probes)
+            plan = Plan(queries[by_list], pool[join.order], join, probes[by_list], level=0)
             stats["graph_build_s"] = stats.get("graph_build_s", 0.0) + time.monotonic() - t_build
         plans.append(plan)
-    return plans, (vecs if profile.bipartite else None)
+    whole = len(plans) == 1 and len(plans[0].pool) == n and not profile.bipartite
+    return plans, (None if whole else vecs)
 
 
 def _work_order(plans: list, n: int) -> np.ndarray:
@@ -402,7 +453,7 @@ def _staging_array(staging: str, name: str, rows: int, k: int, block: int, dtype
 
 
 def stage_matches(opts, profile, group, features, staging: str, stats: dict | None = None, on_block=None,
-                  want_result: bool = True):
+                  want_result: bool = True, floor: int = 0):
     """Top-K of every node into Zarr arrays under `staging`, block by block, resumable.
 
     Nodes are processed in a fixed order (by side, then by first probed list for large pools),
@@ -410,6 +461,9 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     the same nodes when a killed run resumes. The arrays are indexed by processing position.
     Blocks run on `opts.threads` threads (NumPy, BLAS and FAISS release the GIL), each owning
     its Zarr chunk; `on_block(b)` is called as each block is done (the commit's COPY feed).
+    Each approximate plan is calibrated first (its search width, from `floor` up) and checked
+    after (calibrate.py): stats["quality"] gets the recall estimate, and stats["widen_to"] the
+    level to compute the group again from when a plan fell short and a wider level is allowed.
     Returns the (n, k) neighbours and scores by node when `want_result`, else (None, None)."""
     xp = opts.device.xp
     stats = {} if stats is None else stats
@@ -428,8 +482,54 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     # Only rescoring reads the features in work order: they are copied while the first batches
     # search (at 1M nodes the copy took 0.2-1 s, most of it first touches of fresh memory).
     loader = ThreadPoolExecutor(1)
-    work_features = loader.submit(_work_features, features, work, xp)
+    work_features = loader.submit(work_features_on, features, work, xp)
     loader.shutdown(wait=False)
+    slot = np.zeros(n, np.int64)  # a query's row in its plan's probes (plans' queries are disjoint)
+    for plan in plans:
+        slot[plan.queries] = np.arange(len(plan.queries))
+    symmetric = not profile.bipartite
+
+    def query_vectors(plan, nodes):
+        # one symmetric pool: the queries are the pool, whose vectors the join holds in list order
+        return vecs[nodes] if vecs is not None else take_rows(plan.join.vectors, position[nodes] - plan.offset)
+
+    def to_nodes(nb):
+        return np.where(nb >= 0, work[np.maximum(nb, 0)], -1)
+
+    def exact_top_k(plan, nodes):
+        nb, _ = top_k_for(position[nodes], None, plan.offset, len(plan.pool), work_features.result(), rank, k, xp,
+                          symmetric)
+        return to_nodes(nb)
+
+    def searched_top_k(plan, nodes, level):
+        qv = query_vectors(plan, nodes)
+        count = calibrate.candidates_of(level, k, len(plan.pool), symmetric, opts.max_candidates)
+        with compute_pool(1):  # one BLAS/OpenMP thread: the same arithmetic as the blocks'
+            found = plan.join.search(qv, plan.join.probes(qv, calibrate.LEVELS[level]), count)
+        nb, _ = top_k_for(position[nodes], found, plan.offset, len(plan.pool), work_features.result(), rank, k, xp,
+                          symmetric)
+        return to_nodes(nb)
+
+    t_cal = time.monotonic()
+    checks = {}  # plan number: (verification sample, its exact top K)
+    for p, plan in enumerate(plans):
+        plan.quality = calibrate.PlanQuality(len(plan.queries), len(plan.pool), calibrate.EXACT, len(plan.pool))
+        if plan.join is None:
+            continue
+        levels = calibrate.allowed_levels(k, len(plan.pool), floor, opts.max_candidates)
+        sample_a, sample_b = calibrate.samples(plan.queries, opts.recall_sample, salt=p)
+        level = calibrate.calibrate(levels, opts.target_recall, sample_a, exact_top_k(plan, sample_a),
+                                    lambda nodes, lv, plan=plan: searched_top_k(plan, nodes, lv), plan.quality)
+        plan.level = plan.quality.level = level
+        plan.quality.candidates = calibrate.candidates_of(level, k, len(plan.pool), symmetric, opts.max_candidates)
+        plan.quality.widest = level == levels[-1]
+        if calibrate.LEVELS[level] is None:
+            plan.join = plan.probes = None  # exact fallback: the whole (contiguous) pool
+        else:
+            checks[p] = (sample_b, exact_top_k(plan, sample_b))
+            if level > 0:
+                plan.probes = plan.join.probes(query_vectors(plan, plan.queries), calibrate.LEVELS[level])
+    stats["calibration_s"] = stats.get("calibration_s", 0.0) + time.monotonic() - t_cal
 
     def span(b: int) -> tuple[int, int]:
         """Block b's rows of the order."""
@@ -448,11 +548,8 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         for p, plan, lo, hi in plan_rows(first, last):
             if plan.join is not None:
                 queries = order[lo:hi]  # the saved order: a resumed run's blocks mean the same nodes
-                count = min(len(plan.pool), k * opts.oversample + (1 if not profile.bipartite else 0))
-                # symmetric: the queries are the pool, whose vectors the join holds in list order
-                qv = vecs[queries] if vecs is not None else \
-                    take_rows(plan.join.vectors, position[queries] - plan.offset)
-                found[p] = (lo, plan.join.search(qv, plan.probes[queries], count))
+                count = calibrate.candidates_of(plan.level, k, len(plan.pool), symmetric, opts.max_candidates)
+                found[p] = (lo, plan.join.search(query_vectors(plan, queries), plan.probes[slot[queries]], count))
         return found
 
     def stage_block(b: int, found: dict) -> None:
@@ -465,7 +562,7 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
             if p in found:
                 at, rows = found[p]
                 candidates = rows[lo - at:hi - at]
-            nb, sc = _top_k_for(position[order[lo:hi]], candidates, plan.offset, len(plan.pool),
+            nb, sc = top_k_for(position[order[lo:hi]], candidates, plan.offset, len(plan.pool),
                                 work_features.result(), rank, k, xp, not profile.bipartite)
             out_nb[lo - start:hi - start] = np.where(nb >= 0, work[np.maximum(nb, 0)], -1)
             out_sc[lo - start:hi - start] = sc
@@ -521,7 +618,40 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         for start, stop in map(span, finished):  # blocks of a killed run: from the staging arrays
             neighbors[order[start:stop]] = staged_nb[start:stop]
             scores[order[start:stop]] = staged_sc[start:stop]
+    t_check = time.monotonic()
+    at = np.empty(n, np.int64)
+    at[order] = np.arange(len(order))
+    for p, (sample_b, exact_b) in checks.items():  # what was delivered, against the exact top K
+        delivered = staged_nb.get_orthogonal_selection((at[sample_b], slice(None)))
+        q = plans[p].quality
+        q.recall, q.lower_95 = calibrate.recall_bounds(*calibrate.recall_hits(delivered, exact_b))
+        q.sample = len(sample_b)
+    stats["check_s"] = stats.get("check_s", 0.0) + time.monotonic() - t_check
+    _summarise_quality(opts, plans, stats)
     return neighbors, scores
+
+
+def _summarise_quality(opts, plans, stats: dict) -> None:
+    """The group's recall: its worst plan's estimate (both sides of a bipartite group, every
+    value of a required key must keep the target); where it fell short, the level to redo from
+    or, at the widest allowed, a warning."""
+    qualities = [plan.quality for plan in plans if plan.quality is not None]
+    worst = min(qualities, key=lambda q: q.recall, default=None)
+    short = [q for q in qualities if q.recall < opts.target_recall]
+    wider = [q.level + 1 for q in short if not q.widest]
+    stats["widen_to"] = max(wider) if wider else None
+    warning = None
+    if short and not wider:
+        warning = (f"recall estimate {worst.recall:.4f} (95% lower bound {worst.lower_95:.4f}) is below the target "
+                   f"{opts.target_recall} at the widest search allowed"
+                   + (f" (--max-candidates {opts.max_candidates})" if opts.max_candidates else
+                      f" (pool of {worst.pool} nodes, above the exact fallback's {calibrate.EXACT_FALLBACK_MAX})"))
+    stats["quality"] = {
+        "recall_estimate": round(worst.recall, 5) if worst else 1.0,
+        "recall_lower_95": round(worst.lower_95, 5) if worst else 1.0,
+        "target_recall": opts.target_recall, "exact": all(q.level == calibrate.EXACT for q in qualities),
+        "warning": warning, "plans": [q.to_json() for q in qualities],
+    }
 
 
 SEARCH_ROWS = 65_536  # query rows searched at once at most (consecutive staging blocks)
@@ -539,67 +669,6 @@ def _batches(blocks: int, block_rows: int) -> list:
     SEARCH_ROWS rows a batch, and BATCHES_MIN batches at least (two per thread on 2 cores)."""
     per_batch = max(1, min(SEARCH_ROWS // block_rows, -(-blocks // BATCHES_MIN)))
     return [list(range(first, min(blocks, first + per_batch))) for first in range(0, blocks, per_batch)]
-
-
-RESCORE_ROWS = 1024  # queries rescored at once: keeps the gathered candidate features in cache
-
-
-def _top_k_for(queries, found, offset, pool_size, features, rank, k, xp, symmetric):
-    """Top-K of `queries` (work positions) among their candidates: the whole pool (the rows
-    offset..offset+pool_size) when `found` is None, else `found`, list-order positions in the
-    pool (-1: none). Returns work positions and scores."""
-    from mtool.device import to_host
-
-    nbs, scs = [], []
-    if found is None:
-        step = max(1, PAIR_BUDGET // max(1, pool_size))
-        pool = xp.arange(offset, offset + pool_size)
-        for s in range(0, len(queries), step):
-            q = xp.asarray(queries[s:s + step])
-            nb, sc = _rescore(q, xp.broadcast_to(pool[None, :], (len(q), pool_size)), features, rank, k, xp, symmetric)
-            nbs.append(to_host(nb))
-            scs.append(to_host(sc))
-        return np.concatenate(nbs), np.concatenate(scs)
-    # Sorted by row, each query reads its candidates' features in address order (3x faster).
-    cand = np.sort(np.where(found >= 0, offset + found, -1), axis=1)
-    for s in range(0, len(queries), RESCORE_ROWS):
-        nb, sc = _rescore(xp.asarray(queries[s:s + RESCORE_ROWS]), xp.asarray(cand[s:s + RESCORE_ROWS]), features,
-                          rank, k, xp, symmetric)
-        nbs.append(to_host(nb))
-        scs.append(to_host(sc))
-    return np.concatenate(nbs), np.concatenate(scs)
-
-
-def _rescore(q, c, features, rank, k, xp, symmetric):
-    missing = c < 0
-    c = xp.where(missing, 0, c)
-    if xp is not np and not features.multi:  # GPU: the fused CUDA kernel, same formula and rounding
-        from mtool.kernels.cuda import pair_scores_gpu
-
-        scores = pair_scores_gpu(features, q, c)
-    else:
-        scores = compat.pair_scores(features, q, c)
-    excluded = missing | (c == q[:, None]) if symmetric else missing
-    scores = xp.where(excluded, xp.float32(compat.EXCLUDED), scores)
-    return compat.top_k(scores, c, rank, k)
-
-
-def _work_features(features, work, xp):
-    """The features in work order on the device, with compat's per-bundle facts computed once
-    (before the block threads share them)."""
-    taken = _to_device(features.take(work), xp)
-    compat.prepare(taken, xp)
-    return taken
-
-
-def _to_device(f, xp):
-    if xp is np:
-        return f
-    return compat.Features(
-        [(xp.asarray(c), w, r) for c, w, r in f.categorical],
-        [(xp.asarray(v), s, w, r) for v, s, w, r in f.numeric],
-        [(xp.asarray(i), xp.asarray(h), w, r) for i, h, w, r in f.multi],
-        None if f.embedding is None else (xp.asarray(f.embedding[0]), xp.asarray(f.embedding[1]), f.embedding[2]))
 
 
 # -- output --------------------------------------------------------------------------------
@@ -649,16 +718,16 @@ def _drop_load_table(db: Database, load: str) -> None:
         conn.execute(f"DROP TABLE IF EXISTS {pm.STAGE_SCHEMA}.{load}")
 
 
-def swap_cycle(db: Database, group, cycle_id: str, load: str, edges: int, timings) -> None:
+def swap_cycle(db: Database, group, cycle_id: str, load: str, edges: int, timings, quality: dict) -> None:
     """The loaded edges replace the group's partition, with the cycle's row, in one transaction."""
     with db.connect(autocommit=True) as conn:
         pm.prepare_for_swap(conn, group.group_id, load, include_existing=False)
         faults.crash_point("match-before-swap")
         with conn.transaction():
             pm.swap_in(conn, group.group_id, load)
-            cycles.completed(conn, group.group_id, cycle_id, len(group), edges, timings, group)
+            cycles.completed(conn, group.group_id, cycle_id, len(group), edges, timings, group, quality)
 
 
-def _cycle_completed(conn, gid, cycle_id, nodes, edges, timings, group) -> None:
+def _cycle_completed(conn, gid, cycle_id, nodes, edges, timings, group, quality: dict) -> None:
     with conn.transaction():
-        cycles.completed(conn, gid, cycle_id, nodes, edges, timings, group)
+        cycles.completed(conn, gid, cycle_id, nodes, edges, timings, group, quality)

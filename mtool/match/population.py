@@ -36,3 +36,50 @@ def population(n: int, dim: int = 64, clusters: int | None = None, seed: int = 0
     if gender:
         out["gender"] = np.where(rng.random(n) < 0.5, "M", "F").tolist()
     return out
+
+
+FAMILY = ("today", "required", "missing", "wide", "highdim", "metadata", "ties", "bipartite")
+
+
+def member(kind: str, n: int, seed: int) -> tuple[dict, dict]:
+    """(columns, profile) of one member of a family of populations unlike each other, its
+    parameters drawn from `seed` (weights, missing rates, split shares, dimensions): what the
+    engine's recall must hold on, not only on `population`'s one shape. Kinds: FAMILY."""
+    rng = np.random.default_rng([seed, FAMILY.index(kind)])
+    dim = {"highdim": 384, "metadata": 8}.get(kind, int(rng.choice([16, 32, 64])))
+    cols = population(n, dim=dim, clusters=int(rng.integers(20, 200)), seed=seed)
+    w = lambda lo, hi: round(float(rng.uniform(lo, hi)), 2)  # noqa: E731 - a weight drawn in a range
+    keys = {"city": {"type": "categorical", "weight": w(0.5, 3)},
+            "age": {"type": "numeric", "scale": int(rng.integers(3, 15)), "weight": w(0.5, 3)},
+            "interests": {"type": "multi", "separator": ",", "weight": w(0.5, 3)}}
+    profile = {"k": 20, "keys": keys, "embedding": {"weight": w(2, 6)}}
+    if kind == "required":  # a required categorical key, one of its values rare (1-5% of the group)
+        rare = float(rng.uniform(0.01, 0.05))
+        cols["plan"] = np.where(rng.random(n) < rare, "rare", np.where(rng.random(n) < 0.3, "a", "b")).tolist()
+        keys["plan"] = {"type": "categorical", "weight": w(0.5, 2), "required": True}
+    elif kind == "missing":  # 10-30% of each key and of the embedding missing
+        for name in ("city", "age", "interests"):
+            gone = rng.random(n) < rng.uniform(0.1, 0.3)
+            cols[name] = [None if g else v for v, g in zip(cols[name], gone)]
+        cols["embedding"][rng.random(n) < rng.uniform(0.1, 0.3)] = np.nan
+    elif kind == "wide":  # keys with hundreds of values and items (hashed in the search vectors)
+        values = int(rng.integers(150, 600))
+        cols["city"] = [f"c{v}" for v in rng.integers(0, values, n).tolist()]
+        items = rng.integers(0, values, (n, 4))
+        cols["interests"] = [",".join(f"i{i}" for i in sorted(set(row))) for row in items.tolist()]
+        profile["embedding"]["weight"] = w(0.5, 1.5)  # below the metadata
+    elif kind == "highdim":
+        profile["embedding"]["weight"] = w(6, 10)  # the embedding weighted highest
+    elif kind == "metadata":
+        del profile["embedding"]
+        cols["embedding"] = None
+    elif kind == "ties":  # few distinct values: many equal scores
+        cols["city"] = [c[:1] for c in cols["city"]]
+        cols["age"] = [str(int(a) // 20 * 20) for a in cols["age"]]
+        del profile["embedding"]
+        cols["embedding"] = None
+    elif kind == "bipartite":  # a 30/70 split (or 5/95 .. 40/60)
+        share = float(rng.uniform(0.05, 0.4))
+        cols["gender"] = np.where(rng.random(n) < share, "F", "M").tolist()
+        profile["partition"] = {"key": "gender", "left": "F", "right": "M"}
+    return cols, profile

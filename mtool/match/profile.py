@@ -42,6 +42,7 @@ class MatchProfile:
     partition: Partition | None = None
     embedding_weight: float | None = None
     source: str = "<default>"
+    target_recall: float | None = None  # --target-recall overrides; default calibrate.DEFAULT_TARGET
 
     def describe(self) -> dict:
         """Everything that changes the result, in a stable form (the cycle fingerprint's part;
@@ -66,7 +67,7 @@ class MatchProfile:
 
 
 MAX_K = 1000  # matches kept per node at most: 1,000 x 1M nodes is already 10^9 edges per group
-FIELDS = ("k", "mode", "keys", "partition", "embedding")
+FIELDS = ("k", "mode", "keys", "partition", "embedding", "target_recall")
 KEY_FIELDS = {"categorical": ("type", "weight", "required"),
               "numeric": ("type", "weight", "required", "scale"),
               "multi": ("type", "weight", "required", "separator")}
@@ -176,7 +177,12 @@ def parse(data: dict, source: str = "<profile>") -> MatchProfile:
         raise _bad(source, "names no key and no embedding: nothing to compare")
     if mode == "bipartite" and partition is None:
         raise _bad(source, "mode bipartite needs a partition")
-    return MatchProfile(k, mode, keys, partition, embedding_weight, source)
+    target = data.get("target_recall")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
+                               or not 0 < target <= 1):
+        raise _bad(source, f"target_recall must be a number above 0 and at most 1, not {target!r}")
+    return MatchProfile(k, mode, keys, partition, embedding_weight, source,
+                        None if target is None else float(target))
 
 def load(path: str | None) -> MatchProfile:
     """A profile file (YAML or JSON); None: compare by embedding only."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -48,6 +49,31 @@ PROBE_MARGIN = 0.16
 PROBE_BOUND_LISTS = 32  # lists near a query's best whose PROBE_MIN-th best bounds its own (16: 1.3x more
 # candidate lists to sort, 8: 1.8x)
 PROBE_ROWS = 2048  # queries scored against the centroids at once (16 MB of scores at 2,000 lists)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How wide a query searches: candidates kept per match, and the probe rule's parameters."""
+
+    oversample: int  # candidates per kept match
+    probe_min: int
+    probe_margin: float
+    probe_max: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# The settings a cycle's calibration chooses from, narrowest first (the first is the one tuned
+# on benchmarks/match.py). Each step roughly doubles the work per query; a group whose sample
+# recall stays below the target at the widest falls back to exact search where the pool is
+# small enough (engine.EXACT_FALLBACK_MAX), else ends with a warning.
+LADDER = (
+    Setting(4, PROBE_MIN, PROBE_MARGIN, PROBE_MAX),
+    Setting(8, 8, 0.30, 48),
+    Setting(16, 12, 0.50, 96),
+    Setting(32, 24, 1.00, 192),
+)
 TRAIN_POINTS_PER_LIST = 16  # k-means sample; 40 cost 2.6x the training time for +0.003 recall at 1M
 KMEANS_ITERATIONS = 10
 SEED = 1234
@@ -68,7 +94,7 @@ class ListJoin:
         n, d = pool_vectors.shape
         self.threads = threads or os.cpu_count() or 1
         self.nlist = max(1, n // LIST_SIZE)
-        self.probe_max = min(PROBE_MAX, self.nlist)
+        self.probe_max = min(PROBE_MAX, self.nlist)  # of pool_probes (the first setting)
         kmeans = faiss.Kmeans(d, self.nlist, niter=KMEANS_ITERATIONS, seed=SEED,
                               max_points_per_centroid=TRAIN_POINTS_PER_LIST, min_points_per_centroid=1)
         rng = np.random.default_rng(SEED)
@@ -88,32 +114,33 @@ class ListJoin:
         if device is not None and device.value == "gpu":
             self.gpu_index = self._gpu_ivf(d)
 
-    def probes(self, query_vectors: np.ndarray) -> np.ndarray:
+    def probes(self, query_vectors: np.ndarray, setting: Setting | None = None) -> np.ndarray:
         """(nq, probe_max) lists each query scans, nearest first, -1 past the ones it skips:
         its PROBE_MIN nearest, and those within PROBE_MARGIN x |q|^2 of its nearest, at most
         probe_max. Rows are scored against every centroid (one matrix product per chunk), then
         selected with one comparison and a sort of the few lists above a bound (_probe_rows; a
         FAISS search for the probe_max best cost 2x: its heaps saw ~100 replacements per
         query). Chunks run on a compute_pool."""
+        setting = setting or LADDER[0]
         x = np.ascontiguousarray(query_vectors)
-        out = np.full((len(x), self.probe_max), -1, np.int32)
+        out = np.full((len(x), min(setting.probe_max, self.nlist)), -1, np.int32)
         with compute_pool(self.threads) as pool:
-            list(pool.map(lambda at: self._probe_rows(x[at:at + PROBE_ROWS], out[at:at + PROBE_ROWS]),
+            list(pool.map(lambda at: self._probe_rows(x[at:at + PROBE_ROWS], out[at:at + PROBE_ROWS], setting),
                           range(0, len(x), PROBE_ROWS)))
         return out
 
-    def _probe_rows(self, x: np.ndarray, out: np.ndarray) -> None:
+    def _probe_rows(self, x: np.ndarray, out: np.ndarray, setting: Setting) -> None:
         """The rule of `probes` without a pass of a heap over all the scores: each row's
         PROBE_MIN-th best score is at least the PROBE_MIN-th best among the centroids nearest
         its best list (`centroid_neighbours`), so every list at or above the rule's threshold
         is among those scoring at least min(that bound, reach). Those few (1.2x the lists kept,
         at 1M nodes) are sorted by row, best first, which gives the exact PROBE_MIN-th best.
         Same lists as the heap it replaces, 7% less probe time at 1M."""
-        least = min(PROBE_MIN, self.nlist)
+        least, most = min(setting.probe_min, self.nlist), out.shape[1]
         scores = x @ self.centroid_vectors.T
         rows = np.arange(len(x))
         best_list = scores.argmax(axis=1)
-        reach = scores[rows, best_list] - np.float32(PROBE_MARGIN) * np.einsum("ij,ij->i", x, x)
+        reach = scores[rows, best_list] - np.float32(setting.probe_margin) * np.einsum("ij,ij->i", x, x)
         bound = np.sort(np.take_along_axis(scores, self.centroid_neighbours[best_list], axis=1), axis=1)[:, -least]
         row, lst = np.divmod(np.flatnonzero(scores >= np.minimum(bound, reach)[:, None]), self.nlist)
         score = scores[row, lst]
@@ -123,7 +150,7 @@ class ListJoin:
         first = np.searchsorted(row, rows)  # each row has at least `least` entries
         place = np.arange(len(row)) - first[row]
         threshold = np.minimum(score[first + least - 1], reach)
-        keep = (place < self.probe_max) & (score >= threshold[row])
+        keep = (place < most) & (score >= threshold[row])
         out[row[keep], place[keep]] = lst[keep]
 
     def search(self, query_vectors: np.ndarray, probes: np.ndarray, count: int) -> np.ndarray:

@@ -29,7 +29,7 @@ def group_of(rows):
 
 
 def to_xp(features, xp):
-    from mtool.match.engine import _to_device
+    from mtool.match.rescore import _to_device
 
     return _to_device(features, xp)
 

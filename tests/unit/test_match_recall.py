@@ -101,7 +101,7 @@ def test_ties_resume_and_thread_count_give_the_same_matches(tmp_path):
     results = []
     for run, threads in enumerate((1, 2, 2)):
         opts = engine.MatchOptions(profile, Device.CPU, staging_dir=str(tmp_path), block_rows=7, threads=threads,
-                                   oversample=1)  # k + 1 candidates: any other candidate shows
+                                   max_candidates=21)  # k + 1 candidates: any other candidate shows
         staging = tmp_path / f"run{run}"
         results.append(engine.stage_matches(opts, profile, nodes, features, str(staging)))
         if run == 2:  # a resume after a kill: every third block (7 nodes) is computed again, the rest read back

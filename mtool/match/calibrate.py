@@ -1,0 +1,127 @@
+"""Recall that a cycle measures and keeps, on whatever population it is given.
+
+For every approximate search plan (a pool above EXACT_MAX), two independent samples of its
+queries are drawn (seeded: the same inputs draw the same nodes) and their exact top K is
+computed by the compatibility kernel over the whole pool (required keys and sides honoured):
+- calibration: sample A is searched at each width of `LEVELS` in turn, narrowest first, and the
+  first whose recall on A reaches the target is kept for the whole plan;
+- verification: after the plan's blocks are computed, sample B's delivered matches are compared
+  with their exact top K. That is the estimate the cycle records, with a 95% lower bound (from
+  the spread between the sample's queries: recall_bounds). When it falls short of the target and a wider level is
+  allowed, the engine computes the group again from that level (engine._run_group).
+A plan whose widest allowed level stays short (the pool too large for the exact fallback, or
+`--max-candidates`) ends with a warning naming the estimate, never silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mtool.match.search import LADDER, Setting
+
+EXACT = len(LADDER)  # the level past the ladder: every pool node is a candidate
+LEVELS = (*LADDER, None)
+# The exact fallback scores every pair of a plan: allowed up to this pool size (1.6 x 10^9 pairs
+# at most, a minute or two on 2 cores). Above it the widest ladder level is the last resort.
+EXACT_FALLBACK_MAX = 40_000
+DEFAULT_TARGET = 0.99
+DEFAULT_SAMPLE = 256  # queries per sample (two samples per plan: calibration and verification)
+SEED = 7_412_021
+
+
+@dataclass
+class PlanQuality:
+    """One search plan's chosen width and its measured recall."""
+
+    queries: int
+    pool: int
+    level: int  # index into LEVELS (EXACT: all pairs)
+    candidates: int  # candidates per query at that level
+    calibration_recall: float | None = None
+    recall: float = 1.0
+    lower_95: float = 1.0
+    sample: int = 0
+    widest: bool = False  # no wider level is allowed for this plan
+    tried: list = field(default_factory=list)  # (level, recall on sample A) in calibration order
+
+    def to_json(self) -> dict:
+        setting = LEVELS[self.level]
+        return {"queries": self.queries, "pool": self.pool, "level": self.level,
+                "search": "exact" if setting is None else setting.to_json(), "candidates": self.candidates,
+                "calibration_recall": self.calibration_recall, "recall": self.recall, "lower_95": self.lower_95,
+                "sample": self.sample, "tried": self.tried}
+
+
+def recall_bounds(hits: np.ndarray, totals: np.ndarray) -> tuple[float, float]:
+    """Recall over the sample's match slots (sum of hits / sum of slots) and its 95% lower bound.
+    The bound comes from the spread between queries (a ratio estimator's standard error), not
+    from slots taken as independent: a query's misses come together (a query on a cluster's
+    edge misses several), so a bound over slots would be too narrow."""
+    total = int(totals.sum())
+    if total == 0:
+        return 1.0, 1.0
+    recall = float(hits.sum()) / total
+    q = len(hits)
+    if q < 2:
+        return recall, 0.0
+    spread = float(np.sqrt(np.sum((hits - recall * totals) ** 2) / (q * (q - 1)))) / float(totals.mean())
+    return recall, max(0.0, recall - 1.96 * spread)
+
+
+def allowed_levels(k: int, pool: int, floor: int, max_candidates: int | None) -> list[int]:
+    """Levels a plan may use, from `floor` up: within `--max-candidates` (candidates per query),
+    and exact only for a pool up to EXACT_FALLBACK_MAX. Where the cap excludes every level, the
+    narrowest runs with its candidates cut to the cap (candidates_of)."""
+    def fits(level: int) -> bool:
+        setting = LEVELS[level]
+        count = pool if setting is None else min(pool, k * setting.oversample)
+        if setting is None and pool > EXACT_FALLBACK_MAX:
+            return False
+        return max_candidates is None or count <= max_candidates
+
+    return [level for level in range(floor, len(LEVELS)) if fits(level)] or [min(floor, EXACT - 1)]
+
+
+def samples(queries: np.ndarray, size: int, salt: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint seeded samples of the plan's queries (node indices): calibration, verification."""
+    size = max(1, min(size, len(queries) // 2))
+    pick = np.random.default_rng([SEED, salt]).permutation(len(queries))
+    return np.sort(queries[pick[:size]]), np.sort(queries[pick[size:2 * size]])
+
+
+def recall_hits(found: np.ndarray, exact: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: how many of its exact top K's match slots (-1: none) `found` also holds, and
+    how many slots there are."""
+    hits, totals = np.zeros(len(exact)), np.zeros(len(exact))
+    for i, (got, want) in enumerate(zip(found, exact)):
+        want = want[want >= 0]
+        totals[i] = len(want)
+        hits[i] = len(np.intersect1d(got[got >= 0], want, assume_unique=True))
+    return hits, totals
+
+
+def calibrate(levels: list[int], target: float, sample_a: np.ndarray, exact_a: np.ndarray, search_top_k,
+              quality: PlanQuality) -> int:
+    """The first level whose recall on sample A reaches the target (else the widest allowed).
+    `search_top_k(nodes, level)` gives the plan's top K of those nodes at that level."""
+    for level in levels:
+        if LEVELS[level] is None:  # exact: recall 1 by construction
+            quality.tried.append((level, 1.0))
+            return level
+        recall, _ = recall_bounds(*recall_hits(search_top_k(sample_a, level), exact_a))
+        quality.tried.append((level, round(recall, 4)))
+        quality.calibration_recall = round(recall, 4)
+        if recall >= target:
+            return level
+    return levels[-1]
+
+
+def candidates_of(level: int, k: int, pool: int, symmetric: bool, max_candidates: int | None) -> int:
+    """Candidates per query at `level` (the node itself among them in symmetric mode)."""
+    setting: Setting | None = LEVELS[level]
+    if setting is None:
+        return pool
+    count = k * setting.oversample + (1 if symmetric else 0)
+    return min(pool, count if max_candidates is None else min(count, max_candidates))
