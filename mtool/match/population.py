@@ -41,10 +41,12 @@ def population(n: int, dim: int = 64, clusters: int | None = None, seed: int = 0
 FAMILY = ("today", "required", "missing", "wide", "highdim", "metadata", "ties", "bipartite")
 
 
-def member(kind: str, n: int, seed: int) -> tuple[dict, dict]:
+def member(kind: str, n: int, seed: int, share: float | None = None) -> tuple[dict, dict]:
     """(columns, profile) of one member of a family of populations unlike each other, its
     parameters drawn from `seed` (weights, missing rates, split shares, dimensions): what the
-    engine's recall must hold on, not only on `population`'s one shape. Kinds: FAMILY."""
+    engine's recall must hold on, not only on `population`'s one shape. Kinds: FAMILY. `share`
+    fixes the drawn share where the kind has one (the rare value, the missing values, the
+    smaller side)."""
     rng = np.random.default_rng([seed, FAMILY.index(kind)])
     dim = {"highdim": 384, "metadata": 8}.get(kind, int(rng.choice([16, 32, 64])))
     cols = population(n, dim=dim, clusters=int(rng.integers(20, 200)), seed=seed)
@@ -54,14 +56,14 @@ def member(kind: str, n: int, seed: int) -> tuple[dict, dict]:
             "interests": {"type": "multi", "separator": ",", "weight": w(0.5, 3)}}
     profile = {"k": 20, "keys": keys, "embedding": {"weight": w(2, 6)}}
     if kind == "required":  # a required categorical key, one of its values rare (1-5% of the group)
-        rare = float(rng.uniform(0.01, 0.05))
+        rare = share if share is not None else float(rng.uniform(0.01, 0.05))
         cols["plan"] = np.where(rng.random(n) < rare, "rare", np.where(rng.random(n) < 0.3, "a", "b")).tolist()
         keys["plan"] = {"type": "categorical", "weight": w(0.5, 2), "required": True}
     elif kind == "missing":  # 10-30% of each key and of the embedding missing
         for name in ("city", "age", "interests"):
-            gone = rng.random(n) < rng.uniform(0.1, 0.3)
+            gone = rng.random(n) < (share if share is not None else rng.uniform(0.1, 0.3))
             cols[name] = [None if g else v for v, g in zip(cols[name], gone)]
-        cols["embedding"][rng.random(n) < rng.uniform(0.1, 0.3)] = np.nan
+        cols["embedding"][rng.random(n) < (share if share is not None else rng.uniform(0.1, 0.3))] = np.nan
     elif kind == "wide":  # keys with hundreds of values and items (hashed in the search vectors)
         values = int(rng.integers(150, 600))
         cols["city"] = [f"c{v}" for v in rng.integers(0, values, n).tolist()]
@@ -79,7 +81,7 @@ def member(kind: str, n: int, seed: int) -> tuple[dict, dict]:
         del profile["embedding"]
         cols["embedding"] = None
     elif kind == "bipartite":  # a 30/70 split (or 5/95 .. 40/60)
-        share = float(rng.uniform(0.05, 0.4))
+        share = share if share is not None else float(rng.uniform(0.05, 0.4))
         cols["gender"] = np.where(rng.random(n) < share, "F", "M").tolist()
         profile["partition"] = {"key": "gender", "left": "F", "right": "M"}
     return cols, profile
