@@ -176,3 +176,62 @@ def vectors(profile, features: Features, n: int) -> np.ndarray:
         unit, _, weight = features.embedding  # (1 + cos) / 2: the cosine carries weight / 2
         np.multiply(unit, np.float32(np.sqrt(weight / 2)), out=out[:, at:])
     return out
+
+
+class Presence:
+    """Which keys each node has, for the search where nodes lack some (the formula divides by
+    the weights of the keys *both* nodes have, so a node lacking keys can score 1.0 on the few
+    it has, where a plain inner product ranked it last).
+
+    `has` (n, K) is 0/1 per key (categorical, numeric, multi, then the embedding), `weight` (K,)
+    the keys' weights and `constant` (K,) the part of a key's score no inner product holds (the
+    embedding's (1 + cos) / 2 carries weight / 2). For a query q and a pool node c:
+    score = (q . c + constant(q and c)) / weight(q and c), both terms a (K)-long product."""
+
+    def __init__(self, features: Features, n: int):
+        columns, weight, constant = [], [], []
+        for codes, w, _ in features.categorical:
+            columns.append(codes >= 0), weight.append(w), constant.append(0.0)
+        for values, _, w, _ in features.numeric:
+            columns.append(~np.isnan(values)), weight.append(w), constant.append(0.0)
+        for _, has, w, _ in features.multi:
+            columns.append(has), weight.append(w), constant.append(0.0)
+        if features.embedding is not None:
+            _, has, w = features.embedding
+            columns.append(has), weight.append(w), constant.append(w / 2)
+        self.has = np.stack(columns, axis=1).astype(np.float32) if columns else np.zeros((n, 0), np.float32)
+        self.weight = np.float32(weight)
+        self.constant = np.float32(constant)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.has.all())
+
+    def total(self) -> np.ndarray:
+        """Each node's weight against a node that has every key."""
+        return self.has @ self.weight
+
+    def query_terms(self, nodes) -> tuple[np.ndarray, np.ndarray]:
+        """(constant, weight) rows of these query nodes: a product with a pool's `has` gives
+        each pair's constant and denominator."""
+        has = self.has[nodes]
+        return has * self.constant, has * self.weight
+
+    def pool_vectors(self, vecs: np.ndarray, pool: np.ndarray) -> np.ndarray:
+        """The pool's vectors for the list join where nodes lack keys: divided by the node's own
+        total (a complete query then ranks by the formula, up to the vectors' approximation) and
+        with the constant share as one more column (against a 1 in the queries': query_vectors),
+        so that k-means and the probes see the nodes as the formula does."""
+        total = self.total()[pool]
+        total = np.where(total > 0, total, 1).astype(np.float32)
+        out = np.empty((len(pool), vecs.shape[1] + 1), np.float32)
+        np.divide(vecs[pool], total[:, None], out=out[:, :-1])
+        out[:, -1] = (self.has[pool] @ self.constant) / total
+        return out
+
+    @staticmethod
+    def query_vectors(vecs: np.ndarray) -> np.ndarray:
+        out = np.empty((len(vecs), vecs.shape[1] + 1), np.float32)
+        out[:, :-1] = vecs
+        out[:, -1] = 1
+        return out

@@ -395,7 +395,7 @@ def _plans(opts, profile, group, features, stats: dict) -> tuple[list, np.ndarra
     mode, or pools split by a required key; for one symmetric pool the join's list-order copy
     serves, 376 MB less at 1M nodes)."""
     n = len(group)
-    vecs = None
+    vecs = missing = None  # missing: an enc.Presence where nodes lack keys (else the plain vectors rank right)
     plans = []
     for queries, pool in _sides(profile, group, features):
         if len(queries) == 0 or len(pool) == 0:
@@ -405,13 +405,22 @@ def _plans(opts, profile, group, features, stats: dict) -> tuple[list, np.ndarra
             t_build = time.monotonic()
             if vecs is None:
                 vecs = enc.vectors(profile, features, n)
-            join = ListJoin(vecs if len(pool) == n else vecs[pool], opts.device, opts.threads)  # one pool: no copy
-            probes = join.pool_probes if queries is pool else join.probes(vecs[queries])
+                presence = enc.Presence(features, n)
+                if not presence.complete:  # nodes lack keys: pools are scaled, queries get a column
+                    missing, vecs = presence, presence.query_vectors(vecs)
+            if missing is not None:
+                join = ListJoin(missing.pool_vectors(vecs[:, :-1], pool), opts.device, opts.threads)
+                join.normalise(missing.has[pool], missing.total()[pool], missing.has[pool] @ missing.constant)
+                probes = join.probes(vecs[queries])
+            else:
+                join = ListJoin(vecs if len(pool) == n else vecs[pool], opts.device, opts.threads)  # no copy
+                probes = join.pool_probes if queries is pool else join.probes(vecs[queries])
             by_list = np.argsort(probes[:, 0], kind="stable")  # neighbours share lists: cache-friendly blocks
             plan = Plan(queries[by_list], pool[join.order], join, probes[by_list], level=0)
             stats["graph_build_s"] = stats.get("graph_build_s", 0.0) + time.monotonic() - t_build
         plans.append(plan)
-    whole = len(plans) == 1 and len(plans[0].pool) == n and not profile.bipartite
+    whole = len(plans) == 1 and len(plans[0].pool) == n and not profile.bipartite and missing is None
+    stats["presence"] = missing
     return plans, (None if whole else vecs)
 
 
@@ -501,11 +510,16 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
                           symmetric)
         return to_nodes(nb)
 
+    presence = stats.pop("presence", None)
+
+    def terms(nodes):
+        return None if presence is None else presence.query_terms(nodes)
+
     def searched_top_k(plan, nodes, level):
         qv = query_vectors(plan, nodes)
         count = calibrate.candidates_of(level, k, len(plan.pool), symmetric, opts.max_candidates)
         with compute_pool(1):  # one BLAS/OpenMP thread: the same arithmetic as the blocks'
-            found = plan.join.search(qv, plan.join.probes(qv, calibrate.LEVELS[level]), count)
+            found = plan.join.search(qv, plan.join.probes(qv, calibrate.LEVELS[level]), count, terms(nodes))
         nb, _ = top_k_for(position[nodes], found, plan.offset, len(plan.pool), work_features.result(), rank, k, xp,
                           symmetric)
         return to_nodes(nb)
@@ -549,7 +563,8 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
             if plan.join is not None:
                 queries = order[lo:hi]  # the saved order: a resumed run's blocks mean the same nodes
                 count = calibrate.candidates_of(plan.level, k, len(plan.pool), symmetric, opts.max_candidates)
-                found[p] = (lo, plan.join.search(query_vectors(plan, queries), plan.probes[slot[queries]], count))
+                found[p] = (lo, plan.join.search(query_vectors(plan, queries), plan.probes[slot[queries]], count,
+                                                 terms(queries)))
         return found
 
     def stage_block(b: int, found: dict) -> None:

@@ -111,8 +111,18 @@ class ListJoin:
         self.starts = np.searchsorted(nearest[self.order], np.arange(self.nlist + 1))
         self.vectors = np.take(pool_vectors, self.order, axis=0)  # 2x faster than fancy indexing here
         self.gpu_index = None
+        self.presence = None
         if device is not None and device.value == "gpu":
             self.gpu_index = self._gpu_ivf(d)
+
+    def normalise(self, has: np.ndarray, total: np.ndarray, constant: np.ndarray) -> None:
+        """Score pairs by the formula where nodes lack keys (encode.Presence): the pool's vectors
+        were divided by each node's `total`; search() then takes each pair's inner product back to
+        the keys both have, adds their constant share and divides by their weights. Per pool
+        node, in pool order: `has` (n, K), `total` and `constant` (the constant share of its
+        own keys, which its last vector column holds)."""
+        self.presence = (np.ascontiguousarray(has[self.order]), total[self.order].astype(np.float32),
+                         constant[self.order].astype(np.float32))
 
     def probes(self, query_vectors: np.ndarray, setting: Setting | None = None) -> np.ndarray:
         """(nq, probe_max) lists each query scans, nearest first, -1 past the ones it skips:
@@ -153,7 +163,7 @@ class ListJoin:
         keep = (place < most) & (score >= threshold[row])
         out[row[keep], place[keep]] = lst[keep]
 
-    def search(self, query_vectors: np.ndarray, probes: np.ndarray, count: int) -> np.ndarray:
+    def search(self, query_vectors: np.ndarray, probes: np.ndarray, count: int, terms=None) -> np.ndarray:
         """(nq, count) each query's best candidates by inner product as positions in list
         order (pool position `order[i]`), -1 where the probed lists hold fewer. Thread-safe:
         blocks may run concurrently."""
@@ -181,6 +191,12 @@ class ListJoin:
                 continue
             r = rows[chunk]
             scores = take_rows(query_vectors, r) @ self.vectors[a:b].T
+            if self.presence is not None:  # (q . c + constant of both) / weight of both
+                has, total, constant = (x[a:b] for x in self.presence)
+                both = terms[1][r] @ has.T
+                scores = (scores * total - constant + terms[0][r] @ has.T) / np.where(both > 0, both, 1)
+                scores[both <= 0] = -np.inf
+                scores = scores.astype(np.float32, copy=False)
             if key[chunk[0]] < self.nlist and b - a > count:
                 _seed(heap, r, scores, a, count)
             else:
