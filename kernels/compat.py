@@ -93,8 +93,13 @@ def pair_scores(f: Features, q, c):
     """Scores (B, C) of queries q (B,) against candidates c (B, C), node indices into f."""
     xp = array_module(c)
     d = prepare(f, xp)
-    num = xp.zeros(c.shape, dtype=xp.float32)
-    den = xp.zeros(c.shape, dtype=xp.float32)  # weights of keys only some pairs share
+    full = c
+    if c.ndim == 2 and len(c) > 1 and c.strides[0] == 0:
+        # Every query against the same candidates (the exact path's whole pool, broadcast): the
+        # candidates' features are gathered once, not once per query (the same arithmetic).
+        c = c[:1]
+    num = xp.zeros(full.shape, dtype=xp.float32)
+    den = xp.zeros(full.shape, dtype=xp.float32)  # weights of keys only some pairs share
     den_all = 0.0  # weights of keys every pair shares
     ok = None
     qc = q[:, None]
@@ -130,7 +135,7 @@ def pair_scores(f: Features, q, c):
         add(score, (has[qc] & has[c]) if gaps else None, weight, required)
     if f.embedding is not None:
         vectors, has, weight = f.embedding
-        cos = _cosines(vectors, q, c, xp)
+        cos = _cosines(vectors, q, full, xp)
         add((1 + cos) / 2, (has[qc] & has[c]) if d["emb_gaps"] else None, weight, False)
     den = den + xp.float32(den_all)
     score = xp.where(den > 0, num / xp.maximum(den, xp.float32(1e-30)), xp.float32(0))

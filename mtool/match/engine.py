@@ -506,9 +506,16 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         return np.where(nb >= 0, work[np.maximum(nb, 0)], -1)
 
     def exact_top_k(plan, nodes):
-        nb, _ = top_k_for(position[nodes], None, plan.offset, len(plan.pool), work_features.result(), rank, k, xp,
-                          symmetric)
-        return to_nodes(nb)
+        """The exact top K of a sample of queries over the whole pool, on the compute threads
+        (every pair of the sample is scored: the recall check's main cost)."""
+        def part(chunk):
+            nb, _ = top_k_for(position[chunk], None, plan.offset, len(plan.pool), work_features.result(), rank, k,
+                              xp, symmetric)
+            return nb
+        threads = 1 if xp is not np else max(1, opts.threads or os.cpu_count() or 1)
+        chunks = np.array_split(nodes, min(len(nodes), threads * 4)) if len(nodes) else [nodes]
+        with compute_pool(threads) as pool:
+            return to_nodes(np.concatenate(list(pool.map(part, chunks))))
 
     presence = stats.pop("presence", None)
 
