@@ -10,7 +10,7 @@ extern "C" __global__ void pair_scores_fused(
     const float* num_values, const float* num_scale, const float* num_weight,
     const unsigned char* num_required, const int n_num,
     const float* emb, const unsigned char* emb_has, const float emb_weight, const int dim,
-    float* out)
+    const float total_weight, float* out)
 {
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)B * C) return;
@@ -39,6 +39,7 @@ extern "C" __global__ void pair_scores_fused(
         den += emb_weight;
     }
     if (!(den > 0.0f)) ok = false;  // no key in common: not compared, not a candidate
+    if (total_weight > 0.0f) den = total_weight;  // missing: zero: every key counts, had or not
     const double score = den > 0.0f ? (double)(num / den) : 0.0;
     out[idx] = ok ? (float)(rint(score * 1e6) / 1e6) : -INFINITY;
 }

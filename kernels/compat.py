@@ -30,6 +30,7 @@ class Features:
     numeric: list = field(default_factory=list)  # (values, scale, weight, required)
     multi: list = field(default_factory=list)  # (bitsets, has_key, weight, required)
     embedding: tuple | None = None  # (unit vectors, has, weight)
+    missing_zero: bool = False  # profile `missing: zero`: a key either node lacks scores 0, its weight kept
 
     def take(self, index) -> "Features":
         """The nodes `index` (an array of node indices) as a new bundle, in that order. The
@@ -41,7 +42,8 @@ class Features:
             [(values[index], s, w, r) for values, s, w, r in self.numeric],
             [(bits[index], has[index], w, r) for bits, has, w, r in self.multi],
             None if self.embedding is None else  # take: NumPy's fancy indexing of rows is 2x slower
-            (array_module(index).take(self.embedding[0], index, axis=0), self.embedding[1][index], self.embedding[2]))
+            (array_module(index).take(self.embedding[0], index, axis=0), self.embedding[1][index], self.embedding[2]),
+            self.missing_zero)
 
 
 def array_module(array):
@@ -138,12 +140,21 @@ def pair_scores(f: Features, q, c):
         cos = _cosines(vectors, q, full, xp)
         add((1 + cos) / 2, (has[qc] & has[c]) if d["emb_gaps"] else None, weight, False)
     den = den + xp.float32(den_all)
+    shared = den  # the weights of the keys both nodes have
+    if f.missing_zero:  # every key the profile names counts, had or not
+        den = xp.float32(total_weight(f))
     score = xp.where(den > 0, num / xp.maximum(den, xp.float32(1e-30)), xp.float32(0))
     score = (xp.round(score.astype(xp.float64) * 10**SCORE_DECIMALS) / 10**SCORE_DECIMALS).astype(xp.float32)
     # A pair with no key in common was not compared: not a candidate (never a score-0 edge).
-    comparable = den > 0 if den_all == 0 else None
+    comparable = shared > 0 if den_all == 0 else None
     ok = comparable if ok is None else (ok if comparable is None else ok & comparable)
     return score if ok is None else xp.where(ok, score, xp.float32(EXCLUDED))
+
+
+def total_weight(f: Features) -> float:
+    """The weights of every key of the profile (the denominator of `missing: zero`)."""
+    return (sum(w for _, w, _ in f.categorical) + sum(w for _, _, w, _ in f.numeric)
+            + sum(w for _, _, w, _ in f.multi) + (f.embedding[2] if f.embedding is not None else 0.0))
 
 
 def _cosines(vectors, q, c, xp):

@@ -22,6 +22,8 @@ def _kernel():
 def pair_scores_gpu(features, q, c):
     import cupy as cp
 
+    from mtool.kernels import compat
+
     if features.multi:
         raise ValueError("the fused kernel has no multi-value keys: use compat.pair_scores")
     n = None
@@ -42,7 +44,8 @@ def pair_scores_gpu(features, q, c):
             cp.asarray([w for _, _, w, _ in features.numeric] or [0], cp.float32),
             cp.asarray([r for *_, r in features.numeric] or [0], cp.uint8), cp.int32(len(nums)),
             cp.ascontiguousarray(emb, dtype=cp.float32), cp.asarray(has, cp.uint8), cp.float32(weight),
-            cp.int32(emb.shape[1] if features.embedding else 0), out)
+            cp.int32(emb.shape[1] if features.embedding else 0),
+            cp.float32(compat.total_weight(features) if features.missing_zero else 0.0), out)
     blocks = (B * C + THREADS - 1) // THREADS
     _kernel()((blocks,), (THREADS,), args)
     return out

@@ -58,7 +58,7 @@ def _item_bits(values, separator: str) -> tuple[np.ndarray, np.ndarray]:
 
 def encode(profile, nodes) -> Features:
     """Vectorised (Arrow compute), no per-node Python: 1M nodes in about a second per key."""
-    f = Features()
+    f = Features(missing_zero=profile.missing == "zero")
     for spec in profile.keys:
         values = nodes.metadata[spec.name]
         if spec.type == "categorical":

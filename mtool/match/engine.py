@@ -406,7 +406,9 @@ def _plans(opts, profile, group, features, stats: dict) -> tuple[list, np.ndarra
             if vecs is None:
                 vecs = enc.vectors(profile, features, n)
                 presence = enc.Presence(features, n)
-                if not presence.complete:  # nodes lack keys: pools are scaled, queries get a column
+                # nodes lack keys: the formula's denominators differ by pair, so pools are scaled and
+                # queries get a column (with `missing: zero` the denominator is one for every pair)
+                if not presence.complete and profile.missing == "skip":
                     missing, vecs = presence, presence.query_vectors(vecs)
             if missing is not None:
                 join = ListJoin(missing.pool_vectors(vecs[:, :-1], pool), opts.device, opts.threads)

@@ -43,13 +43,14 @@ class MatchProfile:
     embedding_weight: float | None = None
     source: str = "<default>"
     target_recall: float | None = None  # --target-recall overrides; default calibrate.DEFAULT_TARGET
+    missing: str = "skip"  # skip: a key either node lacks is left out of the formula; zero: it scores 0
 
     def describe(self) -> dict:
         """Everything that changes the result, in a stable form (the cycle fingerprint's part;
         `source`, the file's name, is not)."""
         from dataclasses import asdict
 
-        return {"k": self.k, "bipartite": self.bipartite, "keys": [asdict(k) for k in self.keys],
+        return {"k": self.k, "bipartite": self.bipartite, "missing": self.missing, "keys": [asdict(k) for k in self.keys],
                 "partition": None if self.partition is None else asdict(self.partition),
                 "embedding_weight": self.embedding_weight}
 
@@ -67,7 +68,8 @@ class MatchProfile:
 
 
 MAX_K = 1000  # matches kept per node at most: 1,000 x 1M nodes is already 10^9 edges per group
-FIELDS = ("k", "mode", "keys", "partition", "embedding", "target_recall")
+FIELDS = ("k", "mode", "keys", "partition", "embedding", "target_recall", "missing")
+MISSING = ("skip", "zero")
 KEY_FIELDS = {"categorical": ("type", "weight", "required"),
               "numeric": ("type", "weight", "required", "scale"),
               "multi": ("type", "weight", "required", "separator")}
@@ -181,8 +183,11 @@ def parse(data: dict, source: str = "<profile>") -> MatchProfile:
     if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
                                or not 0 < target <= 1):
         raise _bad(source, f"target_recall must be a number above 0 and at most 1, not {target!r}")
+    missing = data.get("missing", "skip")
+    if missing not in MISSING:
+        raise _bad(source, f"missing must be one of {', '.join(MISSING)}, not {missing!r}")
     return MatchProfile(k, mode, keys, partition, embedding_weight, source,
-                        None if target is None else float(target))
+                        None if target is None else float(target), missing)
 
 def load(path: str | None) -> MatchProfile:
     """A profile file (YAML or JSON); None: compare by embedding only."""

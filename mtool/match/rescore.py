@@ -66,4 +66,5 @@ def _to_device(f, xp):
         [(xp.asarray(c), w, r) for c, w, r in f.categorical],
         [(xp.asarray(v), s, w, r) for v, s, w, r in f.numeric],
         [(xp.asarray(i), xp.asarray(h), w, r) for i, h, w, r in f.multi],
-        None if f.embedding is None else (xp.asarray(f.embedding[0]), xp.asarray(f.embedding[1]), f.embedding[2]))
+        None if f.embedding is None else (xp.asarray(f.embedding[0]), xp.asarray(f.embedding[1]), f.embedding[2]),
+        f.missing_zero)

@@ -42,12 +42,18 @@ def make_nodes(n, group, domain, seed=1, dim=4, with_gender=False):
 
 
 def score(profile, a, b):
-    num = den = 0.0
+    """The profile's formula (README), written out pair by pair. `missing: zero`: a key either
+    node lacks scores 0 and keeps its weight in the denominator."""
+    num = den = shared = 0.0
+    zero = profile.get("missing", "skip") == "zero"
     for key, spec in profile["keys"].items():
         if key not in a["meta"] or key not in b["meta"]:
             if spec.get("required"):
                 return None
+            if zero:
+                den += spec.get("weight", 1.0)
             continue
+        shared += 1
         x, y = a["meta"][key], b["meta"][key]
         if spec["type"] == "categorical":
             s = 1.0 if x == y else 0.0
@@ -67,7 +73,10 @@ def score(profile, a, b):
         nb = sum(q * q for q in b["emb"]) ** 0.5
         num += profile["embedding"]["weight"] * (1 + dot / (na * nb)) / 2
         den += profile["embedding"]["weight"]
-    return num / den if den else None  # nothing in common: not compared, no edge
+        shared += 1
+    elif "embedding" in profile and zero:
+        den += profile["embedding"]["weight"]
+    return num / den if shared else None  # nothing in common: not compared, no edge
 
 
 def brute_force(profile, rows, partition=None):

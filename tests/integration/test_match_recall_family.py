@@ -122,3 +122,18 @@ def test_a_capped_search_ends_completed_with_a_warning(dsn, files):
     assert quality["recall_estimate"] < 0.99
     measured = reference_recall(spec, nodes, stored_ids(dsn, gid))
     assert abs(quality["recall_estimate"] - measured) <= 0.02
+
+
+def test_missing_zero_counts_a_lacking_key_as_0_with_its_weight(dsn, files):
+    """`missing: zero` through mtool match (exact path) equals the formula written out."""
+    from tests.integration.match_helpers import PROFILE, brute_force, make_nodes, stored_matches
+    from tests.integration.test_match import assert_same, nodes_file
+
+    gid = group(91)
+    rows = make_nodes(300, gid, DOMAIN, seed=91)
+    spec = {**PROFILE, "missing": "zero"}
+    run_mtool(["nodes", "import", nodes_file(files, rows, "zero.parquet")], dsn, check_rc=0)
+    run_mtool(["match", "--profile", profile_file(files, spec, "zero.yaml")], dsn, check_rc=0)
+    got = stored_matches(dsn, gid)[0]
+    assert_same(got, brute_force(spec, rows))
+    assert got != brute_force(PROFILE, rows)  # the other mode ranks otherwise on this data

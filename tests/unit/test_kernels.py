@@ -34,11 +34,13 @@ def to_xp(features, xp):
     return _to_device(features, xp)
 
 
+@pytest.mark.parametrize("missing", ["skip", "zero"])
 @pytest.mark.parametrize("xp_name", XPS)
-def test_pair_scores_equal_the_reference_formula(xp_name):
+def test_pair_scores_equal_the_reference_formula(xp_name, missing):
     xp = pytest.importorskip(xp_name)
     rows = make_nodes(120, "g", "d", seed=9)
-    profile = prof.parse(PROFILE)
+    spec = {**PROFILE, "missing": missing}
+    profile = prof.parse(spec)
     features = to_xp(enc.encode(profile, group_of(rows)), xp)
     n = len(rows)
     q = xp.arange(n)
@@ -48,7 +50,7 @@ def test_pair_scores_equal_the_reference_formula(xp_name):
     nodes = [{"id": r["reference_id"], "meta": json.loads(r["metadata"]), "emb": r["embedding"]} for r in rows]
     for i in range(0, n, 7):
         for j in range(n):
-            want = score(PROFILE, nodes[i], nodes[j])
+            want = score(spec, nodes[i], nodes[j])
             if want is None:
                 assert got[i, j] == -np.inf
             else:
