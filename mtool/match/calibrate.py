@@ -27,7 +27,7 @@ LEVELS = (*LADDER, None)
 # at most, a minute or two on 2 cores). Above it the widest ladder level is the last resort.
 EXACT_FALLBACK_MAX = 40_000
 DEFAULT_TARGET = 0.99
-DEFAULT_SAMPLE = 256  # queries per sample (two samples per plan: calibration and verification)
+DEFAULT_SAMPLE = 128  # queries per sample (two per plan: calibration, check); their exact top K is the cost
 SEED = 7_412_021
 
 
