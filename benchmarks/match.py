@@ -170,23 +170,11 @@ def family_recall(profile, nodes, features, found, sample: int) -> float:
     """Recall of `found` on sampled queries against the exact top K by the compatibility kernel,
     honouring sides (bipartite) and required keys: the kernel excludes those pairs itself."""
     n = len(nodes)
-    rank = np.arange(n)
-    everyone = np.arange(n)
-    side = np.array(nodes.metadata[profile.partition.key], dtype=object) if profile.bipartite else None
-    rng = np.random.default_rng(99)
     hits = total = 0
-    for q in rng.choice(n, min(sample, n), replace=False):
-        pool = everyone
-        if side is not None:
-            other = {profile.partition.left: profile.partition.right,
-                     profile.partition.right: profile.partition.left}.get(side[q])
-            if other is None:
-                continue
-            pool = everyone[side == other]
-        s = compat.pair_scores(features, np.array([q]), pool[None, :])
-        s[0, pool == q] = -np.inf
-        exact = compat.top_k(s, pool[None, :], rank, profile.k)[0][0]
-        exact = exact[exact >= 0]
+    for q in np.random.default_rng(99).choice(n, min(sample, n), replace=False):
+        exact = popm.reference_top_k(profile, nodes, features, q)
+        if exact is None:
+            continue
         total += len(exact)
         hits += len(set(exact.tolist()) & set(found[q][found[q] >= 0].tolist()))
     return hits / total if total else 1.0

@@ -85,3 +85,25 @@ def member(kind: str, n: int, seed: int, share: float | None = None) -> tuple[di
         cols["gender"] = np.where(rng.random(n) < share, "F", "M").tolist()
         profile["partition"] = {"key": "gender", "left": "F", "right": "M"}
     return cols, profile
+
+
+def reference_top_k(profile, nodes, features, q: int) -> np.ndarray | None:
+    """Node q's exact top K (node indices) by the compatibility kernel over every node it may
+    match (its other side in bipartite mode; the kernel itself excludes required-key misses),
+    None for a node on no side: the reference of the recall benchmarks and tests."""
+    from mtool.kernels import compat
+
+    n = len(nodes)
+    pool = np.arange(n)
+    if profile.bipartite:
+        side = np.array(nodes.metadata[profile.partition.key], dtype=object)
+        other = {profile.partition.left: profile.partition.right,
+                 profile.partition.right: profile.partition.left}.get(side[q])
+        if other is None:
+            return None
+        pool = pool[side == other]
+    s = compat.pair_scores(features, np.array([q]), pool[None, :])
+    s[0, pool == q] = -np.inf
+    best = compat.top_k(s, pool[None, :], np.arange(n), profile.k)[0][0]
+    return best[best >= 0]
+

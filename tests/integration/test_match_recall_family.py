@@ -12,7 +12,6 @@ import psycopg
 import pyarrow as pa
 import pytest
 
-from mtool.kernels import compat
 from mtool.match import encode as enc
 from mtool.match import population as popm
 from mtool.match import profile as prof
@@ -49,23 +48,13 @@ def reference_recall(spec, nodes, stored) -> float:
     formula in tests/unit/test_kernels.py)."""
     profile = prof.parse(spec)
     features = enc.encode(profile, nodes)
-    n, k = len(nodes), profile.k
-    everyone = np.arange(n)
     ids = np.array(nodes.reference_ids)
-    side = np.array(nodes.metadata[profile.partition.key], dtype=object) if profile.bipartite else None
     hits = total = 0
-    for q in np.random.default_rng(2026).choice(n, SAMPLE, replace=False):
-        pool = everyone
-        if side is not None:
-            other = {profile.partition.left: profile.partition.right,
-                     profile.partition.right: profile.partition.left}.get(side[q])
-            if other is None:
-                continue
-            pool = everyone[side == other]
-        s = compat.pair_scores(features, np.array([q]), pool[None, :])
-        s[0, pool == q] = -np.inf
-        best = compat.top_k(s, pool[None, :], everyone, k)[0][0]
-        want = set(ids[best[best >= 0]].tolist())
+    for q in np.random.default_rng(2026).choice(len(nodes), SAMPLE, replace=False):
+        best = popm.reference_top_k(profile, nodes, features, q)
+        if best is None:
+            continue
+        want = set(ids[best].tolist())
         total += len(want)
         hits += len(want & set(stored.get(ids[q], ())))
     return hits / total
