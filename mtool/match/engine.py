@@ -51,7 +51,7 @@ class MatchOptions:
     output: str | None = None  # a .parquet path: write matches there instead of the database
     target_recall: float = calibrate.DEFAULT_TARGET  # recall@K each approximate plan is calibrated and checked for
     max_candidates: int | None = None  # candidates per query at most (a ceiling on the search's work)
-    recall_sample: int = calibrate.DEFAULT_SAMPLE  # queries per calibration and per verification sample
+    recall_sample: int = calibrate.DEFAULT_SAMPLE  # queries of the check's sample (calibration: a quarter)
     block_rows: int = 16384  # staging chunk (resume unit); search batches join up to 4 (SEARCH_ROWS)
     staging_dir: str = "."
     threads: int | None = None  # compute threads per group process (default: CPUs / workers)
@@ -390,10 +390,11 @@ class Plan:
     quality: calibrate.PlanQuality | None = None
 
 
-def _plans(opts, profile, group, features, stats: dict) -> tuple[list, np.ndarray | None]:
-    """The search plans, and the search vectors by node where the queries need them (bipartite
-    mode, or pools split by a required key; for one symmetric pool the join's list-order copy
-    serves, 376 MB less at 1M nodes)."""
+def _plans(opts, profile, group, features, stats: dict) -> tuple[list, np.ndarray | None, object]:
+    """The search plans; the search vectors by node where the queries need them (bipartite
+    mode, pools split by a required key, nodes lacking keys; for one symmetric pool the join's
+    list-order copy serves, 376 MB less at 1M nodes); and the enc.Presence the joins normalise
+    with where nodes lack keys (else None)."""
     n = len(group)
     vecs = missing = None  # missing: an enc.Presence where nodes lack keys (else the plain vectors rank right)
     plans = []
@@ -422,8 +423,7 @@ def _plans(opts, profile, group, features, stats: dict) -> tuple[list, np.ndarra
             stats["graph_build_s"] = stats.get("graph_build_s", 0.0) + time.monotonic() - t_build
         plans.append(plan)
     whole = len(plans) == 1 and len(plans[0].pool) == n and not profile.bipartite and missing is None
-    stats["presence"] = missing
-    return plans, (None if whole else vecs)
+    return plans, (None if whole else vecs), missing
 
 
 def _work_order(plans: list, n: int) -> np.ndarray:
@@ -481,7 +481,7 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     n, k = len(group), profile.k
     os.makedirs(os.path.join(staging, "done"), exist_ok=True)
     block = opts.block_rows
-    plans, vecs = _plans(opts, profile, group, features, stats)
+    plans, vecs, presence = _plans(opts, profile, group, features, stats)
     work = _work_order(plans, n)
     position = np.empty(n, np.int64)
     position[work] = np.arange(n)
@@ -518,8 +518,6 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         chunks = np.array_split(nodes, min(len(nodes), threads * 4)) if len(nodes) else [nodes]
         with compute_pool(threads) as pool:
             return to_nodes(np.concatenate(list(pool.map(part, chunks))))
-
-    presence = stats.pop("presence", None)
 
     def terms(nodes):
         return None if presence is None else presence.query_terms(nodes)
