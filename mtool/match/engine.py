@@ -32,7 +32,7 @@ from mtool.match import calibrate, cycles
 from mtool.match import encode as enc
 from mtool.match import nodes as node_repo
 from mtool.match.rescore import top_k_for, work_features_on
-from mtool.match.search import EXACT_MAX, ListJoin, compute_pool, take_rows
+from mtool.match.search import EXACT_MAX, ListJoin, PatternJoin, compute_pool, take_rows
 from mtool.match.writer import EdgeWriter, edge_columns
 
 log = logging.getLogger(__name__)
@@ -383,7 +383,7 @@ class Plan:
     order; `level` the search width calibration chose (calibrate.LEVELS)."""
     queries: np.ndarray
     pool: np.ndarray
-    join: ListJoin | None = None
+    join: ListJoin | PatternJoin | None = None
     probes: np.ndarray | None = None
     offset: int = 0
     level: int = calibrate.EXACT
@@ -407,14 +407,14 @@ def _plans(opts, profile, group, features, stats: dict) -> tuple[list, np.ndarra
             if vecs is None:
                 vecs = enc.vectors(profile, features, n)
                 presence = enc.Presence(features, n)
-                # nodes lack keys: the formula's denominators differ by pair, so pools are scaled and
-                # queries get a column (with `missing: zero` the denominator is one for every pair)
-                if not presence.complete and profile.missing == "skip":
-                    missing, vecs = presence, presence.query_vectors(vecs)
+                # nodes lack keys: the formula's constant share and denominator depend on the keys both
+                # nodes have, so the pool is searched pattern by pattern (search.PatternJoin)
+                if not presence.complete:
+                    missing = presence
             if missing is not None:
-                join = ListJoin(missing.pool_vectors(vecs[:, :-1], pool), opts.device, opts.threads)
-                join.normalise(missing.has[pool], missing.total()[pool], missing.has[pool] @ missing.constant)
-                probes = join.probes(vecs[queries])
+                join = PatternJoin(vecs, missing, pool, enc.key_spans(features), profile.missing == "zero",
+                                   opts.threads)
+                probes = join.probes(vecs[queries], None, missing.query_terms(queries))
             else:
                 join = ListJoin(vecs if len(pool) == n else vecs[pool], opts.device, opts.threads)  # no copy
                 probes = join.pool_probes if queries is pool else join.probes(vecs[queries])
@@ -508,16 +508,16 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         return np.where(nb >= 0, work[np.maximum(nb, 0)], -1)
 
     def exact_top_k(plan, nodes):
-        """The exact top K of a sample of queries over the whole pool, on the compute threads
-        (every pair of the sample is scored: the recall check's main cost)."""
+        """The exact top K (nodes, scores) of a sample of queries over the whole pool, on the
+        compute threads (every pair of the sample is scored: the recall check's main cost)."""
         def part(chunk):
-            nb, _ = top_k_for(position[chunk], None, plan.offset, len(plan.pool), work_features.result(), rank, k,
-                              xp, symmetric)
-            return nb
+            return top_k_for(position[chunk], None, plan.offset, len(plan.pool), work_features.result(), rank, k,
+                             xp, symmetric)
         threads = 1 if xp is not np else max(1, opts.threads or os.cpu_count() or 1)
         chunks = np.array_split(nodes, min(len(nodes), threads * 4)) if len(nodes) else [nodes]
         with compute_pool(threads) as pool:
-            return to_nodes(np.concatenate(list(pool.map(part, chunks))))
+            parts = list(pool.map(part, chunks))
+        return to_nodes(np.concatenate([nb for nb, _ in parts])), np.concatenate([sc for _, sc in parts])
 
     def terms(nodes):
         return None if presence is None else presence.query_terms(nodes)
@@ -526,10 +526,11 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         qv = query_vectors(plan, nodes)
         count = calibrate.candidates_of(level, k, len(plan.pool), symmetric, opts.max_candidates)
         with compute_pool(1):  # one BLAS/OpenMP thread: the same arithmetic as the blocks'
-            found = plan.join.search(qv, plan.join.probes(qv, calibrate.LEVELS[level]), count, terms(nodes))
-        nb, _ = top_k_for(position[nodes], found, plan.offset, len(plan.pool), work_features.result(), rank, k, xp,
-                          symmetric)
-        return to_nodes(nb)
+            found = plan.join.search(qv, plan.join.probes(qv, calibrate.LEVELS[level], terms(nodes)), count,
+                                     terms(nodes))
+        nb, sc = top_k_for(position[nodes], found, plan.offset, len(plan.pool), work_features.result(), rank, k, xp,
+                           symmetric)
+        return to_nodes(nb), sc
 
     t_cal = time.monotonic()
     checks = {}  # plan number: (verification sample, its exact top K)
@@ -549,7 +550,8 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         else:
             checks[p] = (sample_b, exact_top_k(plan, sample_b))
             if level > 0:
-                plan.probes = plan.join.probes(query_vectors(plan, plan.queries), calibrate.LEVELS[level])
+                plan.probes = plan.join.probes(query_vectors(plan, plan.queries), calibrate.LEVELS[level],
+                                               terms(plan.queries))
     stats["calibration_s"] = stats.get("calibration_s", 0.0) + time.monotonic() - t_cal
 
     def span(b: int) -> tuple[int, int]:
@@ -644,7 +646,8 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     at = np.empty(n, np.int64)
     at[order] = np.arange(len(order))
     for p, (sample_b, exact_b) in checks.items():  # what was delivered, against the exact top K
-        delivered = staged_nb.get_orthogonal_selection((at[sample_b], slice(None)))
+        rows = (at[sample_b], slice(None))
+        delivered = (staged_nb.get_orthogonal_selection(rows), staged_sc.get_orthogonal_selection(rows))
         q = plans[p].quality
         q.recall, q.lower_95 = calibrate.recall_bounds(*calibrate.recall_hits(delivered, exact_b))
         q.sample = len(sample_b)

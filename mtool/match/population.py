@@ -107,3 +107,23 @@ def reference_top_k(profile, nodes, features, q: int) -> np.ndarray | None:
     best = compat.top_k(s, pool[None, :], np.arange(n), profile.k)[0][0]
     return best[best >= 0]
 
+
+
+def reference_hits(profile, nodes, features, q: int, delivered) -> tuple[int, int, int] | None:
+    """How well `delivered` (node indices matched to q) fills q's exact top K: (slots filled by a
+    match at least as good as the K-th best, slots, slots filled by the very node of the exact
+    top K), None for a node on no side. The first is recall's numerator (calibrate.recall_hits
+    says why equal scores count); the third shows how much of the gap is ties. The delivered
+    nodes' scores are computed here by the kernel, not taken from the engine."""
+    from mtool.kernels import compat
+
+    best = reference_top_k(profile, nodes, features, q)
+    if best is None:
+        return None
+    delivered = np.asarray(list(delivered), np.int64)
+    if len(best) == 0:
+        return 0, 0, 0
+    kth = compat.pair_scores(features, np.array([q]), best[None, :])[0].min()
+    got = compat.pair_scores(features, np.array([q]), delivered[None, :])[0] if len(delivered) else np.zeros(0)
+    good = int(np.count_nonzero((got >= kth) & (delivered != q)))
+    return min(good, len(best)), len(best), len(np.intersect1d(best, delivered))
