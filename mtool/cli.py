@@ -479,7 +479,8 @@ def nodes_import(obj, uris, group_id, domain_id, mapping, max_rejects, rejects_f
      help="Candidates per query at most: a ceiling on the search's work. A group that cannot reach the "
           "target under it ends COMPLETED with a warning naming its estimate.")
 @opt("--recall-sample", type=click.IntRange(8, 100_000), default=128, show_default=True,
-     help="Queries of the recall check's sample, per search plan (calibration draws a quarter of it, at least 16).")
+     help="Queries of the recall check's sample per search plan, at least: up to 4x as many where the pool is "
+          "small enough that their exact top K stays cheap (10^8 pairs). Calibration draws a quarter of it.")
 @opt("--allow-empty", is_flag=True,
      help="Let a cycle that found no edge (an empty side, no comparable data) replace the group's matches "
           "with none. Without it such a group is SKIPPED, its previous matches kept, and the exit code is 3.")

@@ -27,7 +27,12 @@ LEVELS = (*LADDER, None)
 # at most, a minute or two on 2 cores). Above it the widest ladder level is the last resort.
 EXACT_FALLBACK_MAX = 40_000
 DEFAULT_TARGET = 0.99
-DEFAULT_SAMPLE = 128  # queries per sample (two per plan: calibration, check); their exact top K is the cost
+DEFAULT_SAMPLE = 128  # queries of a plan's check sample at least (sample_size); calibration draws a quarter
+CHECK_PAIRS = 100_000_000  # sample x pool pairs a check may score to draw more than the minimum
+# A delivered match is as good as the K-th best exact one when its score is at least that one's
+# minus this: the check's exact scores come from matrix products, the delivered ones from the
+# rescoring's gathered products, and their rounding to SCORE_DECIMALS can differ by one unit.
+SCORE_TOLERANCE = 1.5e-6
 SEED = 7_412_021
 
 
@@ -89,11 +94,19 @@ def allowed_levels(k: int, pool: int, floor: int, max_candidates: int | None) ->
     return [level for level in range(floor, len(LEVELS)) if fits(level)] or [min(floor, EXACT - 1)]
 
 
+def sample_size(minimum: int, pool: int) -> int:
+    """Queries of a plan's check sample: `minimum` (--recall-sample), and more where the pool is
+    small enough for CHECK_PAIRS (up to 4x: 512 by default, a 95% interval of about +-0.002 at
+    0.99). The check's cost is the sample's exact top K, sample x pool pairs (rescore.pool_top_k,
+    ~30 ns a pair on one core): at 1M nodes the minimum, 128, costs ~4 CPU-seconds, about a
+    tenth of the cycle, and gives about +-0.005."""
+    return int(np.clip(CHECK_PAIRS // max(1, pool), minimum, 4 * minimum))
+
+
 def samples(queries: np.ndarray, size: int, salt: int) -> tuple[np.ndarray, np.ndarray]:
     """Two disjoint seeded samples of the plan's queries (node indices): calibration (a quarter
     of `size`: it only has to tell a width far from the target, 0.6 against 0.99, and its rule is
-    lenient anyway) and the check (`size`: the estimate the cycle records). Their exact top K,
-    sample x pool pairs, is the recall check's cost: at 1M nodes 128 + 128 took 10 s."""
+    lenient anyway) and the check (`size`: the estimate the cycle records)."""
     size = max(1, min(size, len(queries) // 2))
     small = max(1, min(size, max(16, size // 4)))
     pick = np.random.default_rng([SEED, salt]).permutation(len(queries))
@@ -111,7 +124,7 @@ def recall_hits(found: np.ndarray, exact: np.ndarray) -> tuple[np.ndarray, np.nd
     (_, found_scores), (exact_nodes, exact_scores) = found, exact
     totals = (exact_nodes >= 0).sum(axis=1)
     kth = np.where(totals > 0, np.min(np.where(exact_nodes >= 0, exact_scores, np.inf), axis=1), np.inf)
-    good = (found[0] >= 0) & (found_scores >= kth[:, None])
+    good = (found[0] >= 0) & (found_scores >= kth[:, None] - SCORE_TOLERANCE)
     return np.minimum(good.sum(axis=1), totals).astype(np.float64), totals.astype(np.float64)
 
 

@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 
-ENGINE_VERSION = 3  # bump when the same inputs would give other results (search, scoring)
+ENGINE_VERSION = 4  # bump when the same inputs would give other results (search, scoring)
 RESUMABLE = ("PROCESSING", "FAILED")
 
 

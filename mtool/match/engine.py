@@ -31,7 +31,7 @@ from mtool.errors import InvalidInput, MtoolError
 from mtool.match import calibrate, cycles
 from mtool.match import encode as enc
 from mtool.match import nodes as node_repo
-from mtool.match.rescore import top_k_for, work_features_on
+from mtool.match.rescore import SCAN_QUERIES, top_k_for, work_features_on
 from mtool.match.search import EXACT_MAX, ListJoin, PatternJoin, compute_pool, take_rows
 from mtool.match.writer import EdgeWriter, edge_columns
 
@@ -51,7 +51,7 @@ class MatchOptions:
     output: str | None = None  # a .parquet path: write matches there instead of the database
     target_recall: float = calibrate.DEFAULT_TARGET  # recall@K each approximate plan is calibrated and checked for
     max_candidates: int | None = None  # candidates per query at most (a ceiling on the search's work)
-    recall_sample: int = calibrate.DEFAULT_SAMPLE  # queries of the check's sample (calibration: a quarter)
+    recall_sample: int = calibrate.DEFAULT_SAMPLE  # queries of the check's sample at least (calibrate.sample_size)
     block_rows: int = 16384  # staging chunk (resume unit); search batches join up to 4 (SEARCH_ROWS)
     staging_dir: str = "."
     threads: int | None = None  # compute threads per group process (default: CPUs / workers)
@@ -514,7 +514,9 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
             return top_k_for(position[chunk], None, plan.offset, len(plan.pool), work_features.result(), rank, k,
                              xp, symmetric)
         threads = 1 if xp is not np else max(1, opts.threads or os.cpu_count() or 1)
-        chunks = np.array_split(nodes, min(len(nodes), threads * 4)) if len(nodes) else [nodes]
+        # a chunk per thread at least, SCAN_QUERIES a chunk at most (pool_top_k's matrix products)
+        chunks = np.array_split(nodes, min(len(nodes), max(threads, -(-len(nodes) // SCAN_QUERIES)))) \
+            if len(nodes) else [nodes]
         with compute_pool(threads) as pool:
             parts = list(pool.map(part, chunks))
         return to_nodes(np.concatenate([nb for nb, _ in parts])), np.concatenate([sc for _, sc in parts])
@@ -539,7 +541,8 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         if plan.join is None:
             continue
         levels = calibrate.allowed_levels(k, len(plan.pool), floor, opts.max_candidates)
-        sample_a, sample_b = calibrate.samples(plan.queries, opts.recall_sample, salt=p)
+        sample_a, sample_b = calibrate.samples(plan.queries, calibrate.sample_size(opts.recall_sample, len(plan.pool)),
+                                               salt=p)
         level = calibrate.calibrate(levels, opts.target_recall, sample_a, exact_top_k(plan, sample_a),
                                     lambda nodes, lv, plan=plan: searched_top_k(plan, nodes, lv), plan.quality)
         plan.level = plan.quality.level = level

@@ -66,3 +66,45 @@ def test_take_rows_is_a_view_only_for_a_run_of_consecutive_rows():
         rows = search.take_rows(array, index)
         assert not np.shares_memory(rows, array) and np.array_equal(rows, array[index])
     assert search.take_rows(array, np.array([], np.int64)).shape == (0, 4)
+
+
+def test_pattern_join_ranks_by_the_formula_where_nodes_lack_keys():
+    """Nodes lacking keys (of several presence patterns, a rare one among them): with every list
+    probed, each query keeps the best candidates by the formula's score on the search vectors,
+    (q . c + constant of the shared keys) / weight of the shared keys, as brute force gives."""
+    from mtool.match import encode as enc
+    from mtool.match import population as popm
+    from mtool.match import profile as prof
+    from mtool.match.nodes import GroupNodes
+
+    n = 6_000
+    cols, spec = popm.member("missing", n, seed=11, share=0.25)
+    nodes = GroupNodes("g", "d", cols["reference_id"], {k: cols[k] for k in spec["keys"]}, cols["embedding"])
+    features = enc.encode(prof.parse(spec), nodes)
+    vecs, presence = enc.vectors(None, features, n), enc.Presence(features, n)
+    pool = np.arange(n)
+    join = search.PatternJoin(vecs, presence, pool, enc.key_spans(features), missing_zero=False)
+    sizes = [len(part[2].vectors) for part in join.parts]
+    assert join.parts[-1][0] is None and min(sizes[:-1]) >= search.PATTERN_MIN  # the rare patterns share one join
+    queries = np.arange(0, n, 61)
+    queries = queries[presence.has[queries].any(axis=1)]  # a node without any key has no candidate
+    terms = presence.query_terms(queries)
+    wide = search.Setting(1, 10_000, 10.0, 10_000)  # every list of every part
+    found = join.search(vecs[queries], join.probes(vecs[queries], wide, terms), 20, terms)
+    for row, q in enumerate(queries):
+        shared = presence.has * presence.has[q]
+        weight = shared @ presence.weight
+        formula = np.where(weight > 0, (vecs @ vecs[q] + shared @ presence.constant) / np.where(weight > 0, weight, 1),
+                           -np.inf)
+        kept = pool[join.order[found[row][found[row] >= 0]]]
+        assert np.allclose(np.sort(formula[kept])[::-1], np.sort(formula)[::-1][:20], rtol=0, atol=1e-4)
+
+
+def test_recall_counts_a_match_as_good_as_the_kth_best():
+    """Ties at the K-th best score: an equally scored match is a hit, a lower one is not."""
+    from mtool.match import calibrate
+
+    exact = (np.array([[4, 5, 6], [1, -1, -1]]), np.float32([[0.9, 0.8, 0.8], [0.5, -np.inf, -np.inf]]))
+    found = (np.array([[4, 7, 8], [1, 2, 3]]), np.float32([[0.9, 0.8, 0.7], [0.5, 0.4, 0.3]]))
+    hits, totals = calibrate.recall_hits(found, exact)
+    assert hits.tolist() == [2, 1] and totals.tolist() == [3, 1]
