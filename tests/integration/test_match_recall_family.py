@@ -90,6 +90,7 @@ def test_recall_holds_and_the_recorded_estimate_agrees(dsn, files, kind, seed, s
     measured = reference_recall(spec, nodes, stored_ids(dsn, gid))
     quality = quality_of(dsn, gid)
     assert measured >= 0.99, (kind, measured, quality)
+    assert not quality["exact"], quality  # the calibrated search delivered it, not the exact fallback
     assert result["quality"]["recall_estimate"] == quality["recall_estimate"]
     assert abs(quality["recall_estimate"] - measured) <= 0.01, (kind, measured, quality)
     assert quality["warning"] is None and quality["recall_lower_95"] <= quality["recall_estimate"]
