@@ -1,6 +1,6 @@
 """Recall that a cycle measures and keeps, on whatever population it is given.
 
-For every approximate search plan (a pool above EXACT_MAX), two independent samples of its
+For every approximate search plan (costs.py chose the search), two independent samples of its
 queries are drawn (seeded: the same inputs draw the same nodes) and their exact top K is
 computed by the compatibility kernel over the whole pool (required keys and sides honoured):
 - calibration: sample A is searched at each width of `LEVELS` in turn, narrowest first, and the

@@ -28,11 +28,11 @@ from mtool import faults
 from mtool.db import matches as pm
 from mtool.db.connection import Database, Session
 from mtool.errors import InvalidInput, MtoolError
-from mtool.match import calibrate, cycles
+from mtool.match import calibrate, costs, cycles
 from mtool.match import encode as enc
 from mtool.match import nodes as node_repo
 from mtool.match.rescore import SCAN_QUERIES, top_k_for, work_features_on
-from mtool.match.search import EXACT_MAX, ListJoin, PatternJoin, compute_pool, take_rows
+from mtool.match.search import ListJoin, PatternJoin, compute_pool, take_rows
 from mtool.match.writer import EdgeWriter, edge_columns
 
 log = logging.getLogger(__name__)
@@ -398,11 +398,14 @@ def _plans(opts, profile, group, features, stats: dict) -> tuple[list, np.ndarra
     n = len(group)
     vecs = missing = None  # missing: an enc.Presence where nodes lack keys (else the plain vectors rank right)
     plans = []
+    spans = enc.key_spans(features)
+    dims = spans[-1][1] if spans else 0  # of the search vectors
     for queries, pool in _sides(profile, group, features):
         if len(queries) == 0 or len(pool) == 0:
             continue
         plan = Plan(queries, pool)
-        if len(pool) > EXACT_MAX:
+        sample = calibrate.sample_size(opts.recall_sample, len(pool))
+        if not exact_plan(len(queries), len(pool), dims, profile.k, sample + max(16, sample // 4)):
             t_build = time.monotonic()
             if vecs is None:
                 vecs = enc.vectors(profile, features, n)
@@ -424,6 +427,11 @@ def _plans(opts, profile, group, features, stats: dict) -> tuple[list, np.ndarra
         plans.append(plan)
     whole = len(plans) == 1 and len(plans[0].pool) == n and not profile.bipartite and missing is None
     return plans, (None if whole else vecs), missing
+
+
+def exact_plan(queries: int, pool: int, dims: int, k: int, sample: int) -> bool:
+    """Whether a plan scores its whole pool (costs.py: the cheaper path by counted work)."""
+    return costs.exact_is_cheaper(queries, pool, dims, k, sample)
 
 
 def _work_order(plans: list, n: int) -> np.ndarray:

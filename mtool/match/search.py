@@ -1,6 +1,7 @@
 """Candidate search: which pool nodes each query node is rescored against.
 
-- Pools up to EXACT_MAX nodes: every pool node is a candidate (the result equals brute force).
+- Pools the cost model (costs.py) finds cheaper to score whole: every pool node is a candidate
+  (the result equals brute force).
 - Larger pools, a *list join*: k-means splits the pool into lists of ~LIST_SIZE nodes; each
   query probes its own nearest lists (per query, as an IVF index does: that is what keeps
   recall above 0.99), *adaptively*: its PROBE_MIN nearest always, then further ones (up to
@@ -35,7 +36,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-EXACT_MAX = 4_000  # pools up to this size: all pairs, rescored exactly
 LIST_SIZE = 512  # nodes per k-means list (256 with 16 probes: recall 0.9917 but 1.3x slower at 1M)
 PROBE_MIN = 5  # lists every query scans
 PROBE_MAX = 24  # lists a query scans at most

@@ -57,10 +57,8 @@ def fresh_dsn(pg_server):
 
 @pytest.mark.parametrize("change", ["block-rows", "profile", "more-nodes", "k"])
 def test_killed_run_rerun_with_other_inputs_gives_a_clean_run_of_the_new_inputs(dsn, files, fresh_dsn, change):
-    from mtool.match.search import EXACT_MAX
-
     g = group(60)
-    rows = make_nodes(EXACT_MAX + 1500, g, DOMAIN, seed=60)
+    rows = make_nodes(5_500, g, DOMAIN, seed=60)
     run_mtool(["nodes", "import", nodes_file(files, rows)], dsn, check_rc=0)
     killed = ["match", "--profile", profile_file(files), "--block-rows", "1024", "--k", "20"]
     assert run_mtool(killed, dsn, env={"MTOOL_CRASH_AT": "match-block-done:2"}).returncode == -9
@@ -73,7 +71,7 @@ def test_killed_run_rerun_with_other_inputs_gives_a_clean_run_of_the_new_inputs(
     elif change == "k":
         rerun[-1] = "10"
     elif change == "more-nodes":
-        extra = make_nodes(EXACT_MAX + 2500, g, DOMAIN, seed=61)[-1000:]
+        extra = make_nodes(6_500, g, DOMAIN, seed=61)[-1000:]
         for i, r in enumerate(extra):
             r["reference_id"] = f"x{i:05d}"
         run_mtool(["nodes", "import", nodes_file(files, extra, "extra.parquet")], dsn, check_rc=0)
@@ -88,10 +86,8 @@ def test_killed_run_rerun_with_other_inputs_gives_a_clean_run_of_the_new_inputs(
 
 
 def test_killed_run_rerun_with_the_same_inputs_resumes_its_cycle(dsn, files):
-    from mtool.match.search import EXACT_MAX
-
     g = group(61)
-    rows = make_nodes(EXACT_MAX + 1500, g, DOMAIN, seed=62)
+    rows = make_nodes(5_500, g, DOMAIN, seed=62)
     run_mtool(["nodes", "import", nodes_file(files, rows)], dsn, check_rc=0)
     args = ["match", "--profile", profile_file(files), "--block-rows", "1024"]
     assert run_mtool(args, dsn, env={"MTOOL_CRASH_AT": "match-block-done:2"}).returncode == -9

@@ -16,7 +16,6 @@ from mtool.match import encode as enc
 from mtool.match import population as popm
 from mtool.match import profile as prof
 from mtool.match.nodes import GroupNodes
-from mtool.match.search import EXACT_MAX
 from tests.conftest import run_mtool
 from tests.integration.helpers import write
 from tests.integration.test_match import DOMAIN, group, profile_file
@@ -27,7 +26,6 @@ SAMPLE = 300
 
 
 def import_member(dsn, files, gid, kind, seed, share=None):
-    assert N > 2 * EXACT_MAX
     cols, spec = popm.member(kind, N, seed, share)
     keys = list(spec["keys"]) + (["gender"] if "partition" in spec else [])
     meta = [json.dumps({k: cols[k][i] for k in keys if cols[k][i] is not None}) for i in range(N)]

@@ -12,12 +12,12 @@ from mtool.match import engine
 from mtool.match import population as popm
 from mtool.match import profile as prof
 from mtool.match.nodes import GroupNodes
-from mtool.match.search import EXACT_MAX
+from mtool.match.costs import SMALLEST
 
 
 def test_approximate_mode_reaches_recall_099(tmp_path):
     n = 12_000
-    assert n > EXACT_MAX  # the FAISS path, not the exact one
+    assert n > SMALLEST  # the list join, not the exact path (costs.py)
     p = popm.population(n, seed=3)
     nodes = GroupNodes("g", "d", p["reference_id"], {c: p[c] for c in ("city", "age", "interests")}, p["embedding"])
     profile = prof.parse(popm.PROFILE)
@@ -62,7 +62,7 @@ def test_block_size_and_search_batches_do_not_change_the_result(tmp_path):
 
 def test_approximate_bipartite_mode_reaches_recall_099_across_sides_only(tmp_path):
     n = 14_000  # each side (~7,000) above the exact threshold: the list join, with the other side's probes
-    assert n // 2 > EXACT_MAX
+    assert n // 2 > SMALLEST
     p = popm.population(n, seed=4, gender=True)
     keys = ("city", "age", "interests", "gender")
     nodes = GroupNodes("g", "d", p["reference_id"], {c: p[c] for c in keys}, p["embedding"])
@@ -90,7 +90,7 @@ def test_ties_resume_and_thread_count_give_the_same_matches(tmp_path):
 
     from tests.integration.match_helpers import PROFILE, make_nodes
 
-    rows = make_nodes(EXACT_MAX + 2000, "g", "d", seed=9)
+    rows = make_nodes(6_000, "g", "d", seed=9)
     metas = [json.loads(r["metadata"]) for r in rows]
     dim = 4
     emb = np.array([r["embedding"] if r["embedding"] else [np.nan] * dim for r in rows], np.float32)
