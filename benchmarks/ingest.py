@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, os.path.dirname(__file__))
 from _util import BENCH_SETTINGS, run_measured, scratch_dir, start_postgres  # noqa: E402
 
-from mtool import copy as pgcopy  # noqa: E402
+from mtool.io import copy as pgcopy  # noqa: E402
 from mtool import samples  # noqa: E402
 from mtool.db import migrations  # noqa: E402
 from mtool.db import matches as pm  # noqa: E402

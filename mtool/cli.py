@@ -239,7 +239,8 @@ def ingest(obj, uris, job_id, group_id, domain_id, mapping, max_rejects, rejects
     row for a key wins. Re-running an interrupted import resumes it; re-running a finished one
     does nothing and exits 0.
     """
-    from mtool import contract, ingest as ingest_mod
+    from mtool.ingest import contract
+    from mtool.ingest import jobs as ingest_mod
     from mtool.config import state_dir
     from mtool.metrics import IngestMetrics
 
@@ -365,7 +366,7 @@ def jobs_show(obj, job_id, as_json):
 @click.pass_obj
 def jobs_retry(obj, job_id, workers, as_json):
     """Resume a FAILED or interrupted job from its checkpoint, with its original options."""
-    from mtool import ingest as ingest_mod
+    from mtool.ingest import jobs as ingest_mod
     from mtool.config import state_dir
     from mtool.db import jobs as repo
     from mtool.errors import InputNotFound
@@ -432,7 +433,7 @@ def nodes_import(obj, uris, group_id, domain_id, mapping, max_rejects, rejects_f
     Columns: reference_id, group_id, domain_id, optional type and embedding (list of floats),
     and metadata as a `metadata` column (map or JSON object string) or every other column.
     """
-    from mtool import contract
+    from mtool.ingest import contract
     from mtool.match import nodes as node_mod
 
     pairs = contract.parse_mapping(mapping, contract=False)  # a usage error before any database work

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 
-from mtool import ingest, samples
+from mtool import samples
+from mtool.ingest import jobs as ingest
 from mtool.db.connection import Database
 
 DEMO_GROUPS = 4

@@ -121,15 +121,15 @@ def completed(conn, gid, cycle_id, nodes, edges, timings: dict, group, quality: 
     import numpy as np
     import pyarrow as pa
 
-    from mtool import contract
-    from mtool import copy as pgcopy
+    from mtool.io import load_rows
+    from mtool.io import copy as pgcopy
 
     conn.execute("UPDATE match_cycles SET status = 'COMPLETED', node_count = %s, edge_count = %s, timings = %s, "
                  "quality = %s, error = NULL, finished_at = now() WHERE group_id = %s AND cycle_id = %s",
                  (nodes, edges, json.dumps(timings), json.dumps(quality), gid, cycle_id))
     conn.execute("DELETE FROM node_participation WHERE group_id = %s AND cycle_id = %s", (gid, cycle_id))  # an id reused
     m = len(group.reference_ids)
-    payload = pgcopy.encode_rows([pgcopy.uuid_bytes(np.broadcast_to(contract.uuid_matrix([gid]), (m, 16))),
+    payload = pgcopy.encode_rows([pgcopy.uuid_bytes(np.broadcast_to(load_rows.uuid_matrix([gid]), (m, 16))),
                                   pgcopy.text(pa.array(group.reference_ids, pa.string())),
                                   pgcopy.text(pa.repeat(pa.scalar(cycle_id, pa.string()), m))], m)
     with conn.cursor() as cur:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mtool import sources
+from mtool.io import sources
 from mtool.errors import InvalidInput, UsageError
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from mtool.db import matches as pm
-from mtool.pipeline import WorkerFailed, _worker_setup
+from mtool.io.pipeline import WorkerFailed, _worker_setup
 
 POLL_SECONDS = 0.2
 
@@ -34,13 +34,13 @@ def edge_columns(refs, rows, neighbors, scores):
 
 
 def _edges_payload(args, rows, neighbors, scores, start: int, stamp: int) -> tuple[bytes, int]:
-    from mtool import contract
+    from mtool.io import load_rows
 
     sources, targets, kept = edge_columns(args["refs"], rows, neighbors, scores)
     m = len(kept)
-    payload = contract.encode_load_rows(
+    payload = load_rows.encode_load_rows(
         start * neighbors.shape[1] + np.arange(m, dtype=np.int64),
-        args["group_id"], contract.uuid_matrix([args["domain_id"]]), args["cycle_id"], sources, targets, kept,
+        args["group_id"], load_rows.uuid_matrix([args["domain_id"]]), args["cycle_id"], sources, targets, kept,
         np.full(m, stamp, np.int64))
     return payload, m
 
@@ -52,8 +52,8 @@ def writer_main(args: dict, block_q, result_q, parent_pid: int) -> None:
         import pyarrow as pa
         import zarr
 
-        from mtool import contract
-        from mtool import copy as pgcopy
+        from mtool.io import load_rows
+        from mtool.io import copy as pgcopy
 
         args = dict(args, refs=pa.array(args["reference_ids"], pa.string()))
         block, stamp, edges = args["block_rows"], int(time.time() * 1_000_000), 0
@@ -68,7 +68,7 @@ def writer_main(args: dict, block_q, result_q, parent_pid: int) -> None:
                 start, stop = b * block, min(len(order), (b + 1) * block)
                 payload, m = _edges_payload(args, order[start:stop], staged_nb[start:stop], staged_sc[start:stop],
                                             start, stamp)
-                pgcopy.copy_bytes(cur, target, contract.LOAD_COLUMNS, payload)
+                pgcopy.copy_bytes(cur, target, load_rows.LOAD_COLUMNS, payload)
                 edges += m
         result_q.put(("done", edges))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides

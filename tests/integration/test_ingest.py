@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mtool import ingest
+from mtool.ingest import jobs as ingest
 from tests.conftest import run_mtool
 from tests.integration.helpers import DOMAIN, G1, G2, full_rows, job_row, matches, rows_for, write
 

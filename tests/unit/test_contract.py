@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mtool import contract
+from mtool.ingest import contract
 from mtool.errors import InvalidInput, UsageError
 
 G = "11111111-1111-4111-8111-111111111111"
@@ -97,7 +97,7 @@ def test_row_group_chunks_are_exact_row_ranges(tmp_path):
     """Checkpoints name chunks by index: chunk c must always be rows [c*B, (c+1)*B)."""
     import pyarrow.parquet as pq
 
-    from mtool import sources
+    from mtool.io import sources
 
     path = tmp_path / "f.parquet"
     pq.write_table(pa.table({"x": list(range(10_000))}), path, row_group_size=10_000, data_page_size=1000,

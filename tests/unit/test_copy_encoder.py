@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mtool import copy as pgcopy
+from mtool.io import copy as pgcopy
 
 
 def decode(buf: bytes, kinds):

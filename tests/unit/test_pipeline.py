@@ -3,8 +3,8 @@ workers cancel the run."""
 
 import pytest
 
-from mtool import pipeline
-from mtool.pipeline import Stage
+from mtool.io import pipeline
+from mtool.io.pipeline import Stage
 from tests.unit import pipeline_stages as stages
 
 

@@ -23,13 +23,15 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from mtool import contract, faults, sources
+from mtool import faults
+from mtool.ingest import contract
+from mtool.io import sources
 from mtool.db import jobs
 from mtool.db import matches as pm
 from mtool.db.connection import Database, Session, advisory_key
 from mtool.errors import Interrupted, JobBusy, MtoolError, TooManyRejects, UsageError
-from mtool.pipeline import Stage
-from mtool import pipeline
+from mtool.io.pipeline import Stage
+from mtool.io import pipeline
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +279,8 @@ class ChunkWriter:
         self.tables[group_id] = f'{pm.STAGE_SCHEMA}."{name}"'
 
     def _commit(self, item: ChunkItem) -> bool:
-        from mtool import copy as pgcopy
+        from mtool.io import copy as pgcopy
+        from mtool.io.load_rows import LOAD_COLUMNS
 
         conn = self.conn
         with conn.transaction():
@@ -290,7 +293,7 @@ class ChunkWriter:
                 raise _AlreadyCommitted()
             with conn.cursor() as cur:
                 for g in item.groups:
-                    pgcopy.copy_bytes(cur, self.tables[g.group_id], contract.LOAD_COLUMNS, g.payload)
+                    pgcopy.copy_bytes(cur, self.tables[g.group_id], LOAD_COLUMNS, g.payload)
                 if item.rejects:
                     cur.executemany(
                         "INSERT INTO import_rejects (job_id, file_index, row_number, reason, record) "
