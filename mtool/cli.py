@@ -16,7 +16,7 @@ import click
 
 from mtool import __version__
 from mtool.config import default_map_for, envvar, load_config_file
-from mtool.errors import ExitCode, MtoolError, UsageError
+from mtool.errors import ConfigError, ExitCode, MtoolError, UsageError
 
 log = logging.getLogger("mtool.cli")
 
@@ -311,6 +311,124 @@ class ProgressReporter:
 
 
 # -- jobs -------------------------------------------------------------------------------------
+
+def _key_values(pairs, flag: str) -> tuple:
+    out = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{flag} {pair!r}: expected KEY=VALUE")
+        out.append((key.strip(), value))
+    return tuple(out)
+
+
+def _properties(path: str) -> tuple:
+    """KEY=VALUE lines of a Java-style properties file (# and ! comments)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = [line.strip() for line in fh]
+    except OSError as exc:
+        raise ConfigError(f"--kafka-config-file {path}: {exc.strerror}") from None
+    return _key_values([line for line in lines if line and line[0] not in "#!"], f"--kafka-config-file {path}:")
+
+
+@cli.command()
+@opt("--bootstrap-servers", required=True, help="Kafka brokers, HOST:PORT[,HOST:PORT...].")
+@opt("--topic-pattern", default=r"^matches\.import\..*", show_default=True,
+     help="Regular expression of the topics whose file events to consume.")
+@opt("--consumer-group", default="mtool-import", show_default=True,
+     help="Kafka consumer group: replicas in one group share the partitions.")
+@opt("--status-topic", default="matches-import-status", show_default=True,
+     help="Where status events go (keyed by job id). Must not match --topic-pattern.")
+@opt("--dlq-topic", default="matches-import-dlq", show_default=True,
+     help="Where invalid events go, with headers naming the error and their origin. Must not match "
+          "--topic-pattern.")
+@opt("--max-messages", type=click.IntRange(1), help="Stop after this many events (tests, CronJob drains).")
+@opt("--idle-timeout", type=click.FloatRange(0, min_open=True),
+     help="Stop after this many seconds without an event.")
+@opt("--metrics-port", type=click.IntRange(0, 65535),
+     help="Serve /metrics (Prometheus) and /healthz (is the poll loop alive) on this port.")
+@opt("--kafka-config", "kafka_config", multiple=True, metavar="KEY=VALUE",
+     help="A librdkafka setting for the consumer and producer (repeatable): security.protocol, sasl.*, ssl.*.")
+@opt("--kafka-config-file", type=click.Path(dir_okay=False),
+     help="librdkafka settings from a properties file (KEY=VALUE lines); --kafka-config wins.")
+@opt("--allow-scheme", "allow_schemes", multiple=True, type=click.Choice(["s3", "https", "http", "file"]),
+     help="URI schemes events may name (repeatable). Default: s3 and https.")
+@opt("--file-root", "file_roots", multiple=True, type=click.Path(file_okay=False),
+     help="With --allow-scheme file: the folders file URIs must lie in (repeatable).")
+@opt("--brake-share", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+     help="Stop (exit 65) when more than this share of the last --brake-window events was invalid.")
+@opt("--brake-window", type=click.IntRange(1), default=20, show_default=True,
+     help="Events the brake looks back on.")
+@opt("--max-rejects", type=click.IntRange(0), default=1000, show_default=True,
+     help="Fail an event's job when more rows than this break the contract.")
+@opt("--workers", type=click.IntRange(1, 256), default=None, envvar="MTOOL_INGEST_WORKERS",
+     help="Reader and writer processes of each import (default: CPUs, 2..4).")
+@opt("--batch-rows", type=click.IntRange(1), default=100_000, show_default=True,
+     help="Rows per chunk of each import.")
+@opt("--json", "as_json", is_flag=True, help="Print a summary as one JSON object on stdout at the end.")
+@click.pass_obj
+def consume(obj, bootstrap_servers, topic_pattern, consumer_group, status_topic, dlq_topic, max_messages,
+            idle_timeout, metrics_port, kafka_config, kafka_config_file, allow_schemes, file_roots, brake_share,
+            brake_window, max_rejects, workers, batch_rows, as_json):
+    """Consume file events from Kafka and import each as a job, as `mtool ingest` would.
+
+    \b
+    Per event, in this order: validate it (invalid: to --dlq-topic), run its import job
+    (resumable; its id is the event's jobId, or one derived from topic/partition/offset),
+    publish its status event to --status-topic (COMPLETED or FAILED, acknowledged by the
+    broker), commit its offset. A redelivered event for a completed job does no work and
+    sends its status again. Transient failures (PostgreSQL, S3, the broker) are retried with
+    backoff and never commit the offset. SIGTERM finishes or rolls back the chunk in flight,
+    leaves the job resumable and the offset uncommitted, and exits 130.
+    Exit 0; 3 when an event was dead-lettered or its import FAILED; 65 when the brake stopped it.
+    """
+    from mtool.config import state_dir
+    from mtool.consume import events, loop, service
+    from mtool.ingest import jobs as ingest_mod
+    from mtool.metrics import ConsumeMetrics
+
+    settings = (_properties(kafka_config_file) if kafka_config_file else ()) + _key_values(kafka_config,
+                                                                                           "--kafka-config")
+    try:
+        allow = events.AllowList(allow_schemes or ("s3", "https"), file_roots)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    opts = loop.ConsumeOptions(
+        bootstrap_servers=bootstrap_servers, topic_pattern=topic_pattern, consumer_group=consumer_group,
+        status_topic=status_topic, dlq_topic=dlq_topic, max_messages=max_messages, idle_timeout=idle_timeout,
+        kafka_config=settings, allow=allow, brake_share=brake_share, brake_window=brake_window,
+        workers=workers or ingest_mod.default_workers(), batch_rows=batch_rows, max_rejects=max_rejects)
+    loop.check_topics(opts)
+    database = obj.database()
+    metrics = ConsumeMetrics() if metrics_port is not None else None
+    health = service.Health()
+    server = None
+    if metrics_port is not None:
+        server = service.serve(metrics_port, metrics.registry, health)
+        log.info("serving /metrics and /healthz on port %d", server.server_port)
+
+    def importer(event, origin):
+        return ingest_mod.run_import(ingest_mod.IngestOptions(
+            uris=event.uris, group_id=event.group_id, domain_id=event.domain_id, job_id=event.job_id,
+            max_rejects=opts.max_rejects, workers=opts.workers, batch_rows=opts.batch_rows, kafka=origin,
+            expected_rows=event.row_count, checksum=event.checksum, allowed=allow.allowed_files),
+            database, metrics=metrics.storage if metrics else None, state_dir=state_dir())
+
+    try:
+        summary = loop.Consumer(opts, database, importer, metrics, health).run()
+    finally:
+        if server:
+            server.shutdown()
+    if as_json:
+        click.echo(json.dumps(summary.to_json()))
+    else:
+        click.echo(f"consumed {summary.consumed} events: {summary.imported} imported ({summary.already} already), "
+                   f"{summary.failed} failed, {summary.dead_lettered} dead-lettered, {summary.rows} rows "
+                   f"(stopped by {summary.stopped_by})")
+    if summary.exit_code:
+        sys.exit(summary.exit_code)
+
 
 @cli.group()
 def jobs():

