@@ -22,12 +22,14 @@ def group(n: int) -> str:
     return f"aaaaaaaa-0000-4000-8000-{n:012d}"
 
 
-def consume(broker, dsn, files, topics, *extra, env=None, check_rc=None, timeout=120):
+def consume(broker, dsn, files, topics, *extra, env=None, check_rc=None, timeout=120, idle=8):
+    """Run `mtool consume` on the test's topics until --max-messages or `idle` seconds without an
+    event (after a killed consumer, the group waits out its session timeout first: give more)."""
     topic, status_topic, dlq_topic, consumer_group = topics
     args = ["consume", "--bootstrap-servers", broker.bootstrap, "--topic-pattern", f"^{topic}$",
             "--consumer-group", consumer_group, "--status-topic", status_topic, "--dlq-topic", dlq_topic,
             "--allow-scheme", "file", "--allow-scheme", "s3", "--file-root", str(files), "--workers", "1",
-            "--idle-timeout", "8", "--json", *FAST, *extra]
+            "--idle-timeout", str(idle), "--json", *FAST, *extra]
     return run_mtool(args, dsn, env=env, check_rc=check_rc, timeout=timeout)
 
 
@@ -159,3 +161,266 @@ def test_status_or_dlq_topic_inside_the_pattern_is_refused(kafka_broker, dsn, fi
     proc = run_mtool(["consume", "--bootstrap-servers", kafka_broker.bootstrap, "--topic-pattern", r"^matches\..*",
                       "--status-topic", "matches.status"], dsn, check_rc=2)
     assert "--status-topic 'matches.status' matches --topic-pattern" in proc.stderr
+
+
+def many_chunks(files, name, g, n=4000, prefix="u"):
+    """A file of n rows in row groups of 500: with --batch-rows 500, 8 chunks to checkpoint."""
+    return write(files / name, rows_for(g, n, prefix=prefix), row_group_size=500)
+
+
+def test_killed_mid_import_the_restarted_consumer_completes_the_job_once(kafka_broker, dsn, files):
+    topics = topic_names()
+    create_topics(kafka_broker.bootstrap, *topics[:3])
+    g = group(6)
+    f = many_chunks(files, "big.parquet", g)
+    produce(kafka_broker.bootstrap, topics[0], [(b"k", event(f, g, DOMAIN), None)])
+    killed = consume(kafka_broker, dsn, files, topics, "--batch-rows", "500", env={"MTOOL_CRASH_AT": "chunk-committed:3"})
+    assert killed.returncode == -9
+    job = job_row(dsn)
+    assert job["status"] == "PROCESSING" and 0 < job["processed_rows"] < 4000  # stopped in the middle
+    assert read_all(kafka_broker.bootstrap, topics[1], 0, timeout=2) == []  # no status yet
+    proc = consume(kafka_broker, dsn, files, topics, "--batch-rows", "500", "--max-messages", "1", check_rc=0,
+                   idle=30)
+    assert json.loads(proc.stdout)["imported"] == 1
+    assert len(matches(dsn, g)) == 4000
+    done = job_row(dsn, job["job_id"])
+    assert done["status"] == "COMPLETED" and done["processed_rows"] == 4000 and done["written_rows"] == 4000
+    got = statuses(kafka_broker.bootstrap, topics[1], 1)
+    assert len(got) == 1 and got[0]["status"] == "COMPLETED" and got[0]["processedRows"] == 4000
+
+
+def test_killed_after_the_status_before_the_commit_redelivery_sends_it_again(kafka_broker, dsn, files):
+    topics = topic_names()
+    create_topics(kafka_broker.bootstrap, *topics[:3])
+    g = group(7)
+    f = write(files / "s.parquet", rows_for(g, 200))
+    produce(kafka_broker.bootstrap, topics[0], [(b"k", event(f, g, DOMAIN), None)])
+    assert consume(kafka_broker, dsn, files, topics, env={"MTOOL_CRASH_AT": "consume-status-sent"}).returncode == -9
+    proc = consume(kafka_broker, dsn, files, topics, "--max-messages", "1", check_rc=0, idle=30)
+    assert json.loads(proc.stdout)["already"] == 1, proc.stdout + proc.stderr[-3000:]  # delivered again, no work
+    got = statuses(kafka_broker.bootstrap, topics[1], 2)
+    assert len(got) == 2 and got[0]["jobId"] == got[1]["jobId"] and got[1]["processedRows"] == 200
+    assert len(matches(dsn, g)) == 200
+
+
+def test_sigterm_leaves_the_job_resumable_and_the_offset_uncommitted(kafka_broker, dsn, files):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    topics = topic_names()
+    create_topics(kafka_broker.bootstrap, *topics[:3])
+    g = group(8)
+    f = many_chunks(files, "slow.parquet", g)
+    produce(kafka_broker.bootstrap, topics[0], [(b"k", event(f, g, DOMAIN), None)])
+    topic, status_topic, dlq_topic, consumer_group = topics
+    cmd = [sys.executable, "-m", "mtool.cli", "--dsn", dsn, "--log-format", "json", "consume", "--bootstrap-servers",
+           kafka_broker.bootstrap, "--topic-pattern", f"^{topic}$", "--consumer-group", consumer_group,
+           "--status-topic", status_topic, "--dlq-topic", dlq_topic, "--allow-scheme", "file", "--file-root",
+           str(files), "--workers", "1", "--batch-rows", "500", "--idle-timeout", "8", *FAST]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MTOOL_DELAY_AT": "chunk-committed:0.7"}, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        row = job_row(dsn)
+        if row and row["processed_rows"] >= 1000:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    row = job_row(dsn)
+    assert row["status"] != "COMPLETED" and 0 < row["processed_rows"] < 4000
+    assert read_all(kafka_broker.bootstrap, status_topic, 0, timeout=2) == []
+    again = consume(kafka_broker, dsn, files, topics, "--batch-rows", "500", "--max-messages", "1", check_rc=0,
+                    idle=30)
+    assert json.loads(again.stdout)["imported"] == 1  # the uncommitted offset brought the event back
+    assert len(matches(dsn, g)) == 4000 and job_row(dsn, row["job_id"])["status"] == "COMPLETED"
+    assert len(statuses(kafka_broker.bootstrap, status_topic, 1)) == 1
+
+
+def test_a_long_import_does_not_make_the_consumer_leave_its_group(kafka_broker, dsn, files):
+    """max.poll.interval.ms of 7 s and an import of ~10 s: the keep-alive poll holds the group,
+    so the offset commit after the import succeeds and the next event follows."""
+    topics = topic_names()
+    create_topics(kafka_broker.bootstrap, *topics[:3])
+    g = group(9)
+    slow = many_chunks(files, "long.parquet", g, n=3000)
+    quick = write(files / "quick.parquet", rows_for(g, 10, prefix="q"))
+    produce(kafka_broker.bootstrap, topics[0], [(b"1", event(slow, g, DOMAIN), None),
+                                                 (b"2", event(quick, g, DOMAIN), None)])
+    proc = consume(kafka_broker, dsn, files, topics, "--batch-rows", "500", "--max-messages", "2",
+                   "--kafka-config", "max.poll.interval.ms=7000", env={"MTOOL_DELAY_AT": "chunk-committed:1.7"},
+                   check_rc=0)
+    assert json.loads(proc.stdout)["imported"] == 2
+    assert "left uncommitted" not in proc.stderr
+    assert proc.stderr.count('"msg": "revoked') == 1  # only when it closed: never during the import
+    assert len(matches(dsn, g)) == 3010
+    # committed: a new consumer of the group finds nothing left
+    again = consume(kafka_broker, dsn, files, topics, "--idle-timeout", "6", check_rc=0)
+    assert json.loads(again.stdout)["consumed"] == 0
+
+
+def test_two_consumers_in_one_group_share_the_partitions_and_import_each_event_once(kafka_broker, dsn, files):
+    import subprocess
+    import sys
+
+    topics = topic_names()
+    create_topics(kafka_broker.bootstrap, topics[0], partitions=4)
+    create_topics(kafka_broker.bootstrap, *topics[1:3])
+    g = group(10)
+    names = [write(files / f"p{i}.parquet", rows_for(g, 100, prefix=f"p{i}-")) for i in range(12)]
+    produce(kafka_broker.bootstrap, topics[0], [(f"{i}".encode(), event(n, g, DOMAIN), None, i % 4)
+                                                 for i, n in enumerate(names)])
+    topic, status_topic, dlq_topic, consumer_group = topics
+    cmd = [sys.executable, "-m", "mtool.cli", "--dsn", dsn, "--log-format", "json", "consume", "--bootstrap-servers",
+           kafka_broker.bootstrap, "--topic-pattern", f"^{topic}$", "--consumer-group", consumer_group,
+           "--status-topic", status_topic, "--dlq-topic", dlq_topic, "--allow-scheme", "file", "--file-root",
+           str(files), "--workers", "1", "--idle-timeout", "10", "--json", *FAST]
+    env = {**os.environ, "MTOOL_DELAY_AT": "chunk-committed:1.0"}  # slow imports: both get to work
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              start_new_session=True) for _ in range(2)]
+    results = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    summaries = [json.loads(out) for out, _ in results]
+    assert all(s["imported"] > 0 for s in summaries), summaries  # both made progress
+    assert sum(s["imported"] for s in summaries) >= 12
+    got = statuses(kafka_broker.bootstrap, status_topic, 12)
+    assert len(got) == 12 and len({s["jobId"] for s in got}) == 12  # each event's job once
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM import_jobs WHERE status = 'COMPLETED'").fetchone()[0] == 12
+        assert conn.execute("SELECT sum(attempts) FROM import_jobs").fetchone()[0] == 12
+    assert len(matches(dsn, g)) == 1200
+
+
+def test_no_secret_in_logs_status_events_or_dead_letters(kafka_broker, dsn, files):
+    topics = topic_names()
+    create_topics(kafka_broker.bootstrap, *topics[:3])
+    g = group(11)
+    f = write(files / "x.parquet", rows_for(g, 5))
+    produce(kafka_broker.bootstrap, topics[0], [(b"1", event(f, g, DOMAIN), None), (b"2", b"junk", None)])
+    secret = "Sup3r-S3cret-value"
+    props = files / "client.properties"
+    props.write_text(f"# a properties file\nsasl.oauthbearer.client.secret={secret}-file\n")
+    dsn_with_password = dsn.replace("postgresql://", f"postgresql://postgres:{secret}-db@", 1) \
+        if dsn.startswith("postgresql://") else f"{dsn} password={secret}-db"
+    proc = consume(kafka_broker, dsn_with_password, files, topics, "--max-messages", "2", "--kafka-config",
+                   f"sasl.password={secret}", "--kafka-config-file", str(props), check_rc=3)
+    assert secret not in proc.stdout + proc.stderr
+    assert "***" in proc.stderr  # the settings line shows the key, masked
+    for message in read_all(kafka_broker.bootstrap, topics[1], 1) + read_all(kafka_broker.bootstrap, topics[2], 1):
+        assert secret.encode() not in message.value() + b"".join(v for _, v in message.headers() or [])
+
+
+def test_metrics_and_health_endpoints(kafka_broker, dsn, files):
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    topics = topic_names()
+    create_topics(kafka_broker.bootstrap, *topics[:3])
+    g = group(12)
+    f = write(files / "m.parquet", rows_for(g, 30))
+    produce(kafka_broker.bootstrap, topics[0], [(b"1", event(f, g, DOMAIN), None), (b"2", b"junk", None)])
+    port = free_port()
+    topic, status_topic, dlq_topic, consumer_group = topics
+    cmd = [sys.executable, "-m", "mtool.cli", "--dsn", dsn, "--log-format", "json", "consume", "--bootstrap-servers",
+           kafka_broker.bootstrap, "--topic-pattern", f"^{topic}$", "--consumer-group", consumer_group,
+           "--status-topic", status_topic, "--dlq-topic", dlq_topic, "--allow-scheme", "file", "--file-root",
+           str(files), "--workers", "1", "--idle-timeout", "12", "--metrics-port", str(port), *FAST]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        text, deadline = "", time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+                if 'mtool_events_dead_lettered_total{topic="' in text and "mtool_events_imported_total{" in text:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.3)
+        health = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+        assert health.status == 200
+    finally:
+        proc.communicate(timeout=60)
+    assert f'mtool_events_consumed_total{{topic="{topic}"}} 2.0' in text
+    assert f'mtool_events_dead_lettered_total{{topic="{topic}"}} 1.0' in text
+    assert f'mtool_events_imported_total{{topic="{topic}"}} 1.0' in text
+    assert "match_suggestions_storage_matches_saved_total" in text and "kafka_consumer_errors" in text
+    assert proc.returncode == 3
+
+
+@pytest.mark.s3
+def test_an_s3_event_is_imported(kafka_broker, dsn, files, s3):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    topics = topic_names()
+    create_topics(kafka_broker.bootstrap, *topics[:3])
+    g = group(13)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows_for(g, 250)), sink)
+    s3.put_object(Bucket=s3.bucket, Key="drop/m.parquet", Body=sink.getvalue().to_pybytes())
+    produce(kafka_broker.bootstrap, topics[0], [(b"1", event(f"s3://{s3.bucket}/drop/m.parquet", g, DOMAIN), None),
+                                                 (b"2", event("http://example.org/m.parquet", g, DOMAIN), None)])
+    proc = consume(kafka_broker, dsn, files, topics, "--max-messages", "2", check_rc=3)
+    summary = json.loads(proc.stdout)
+    assert summary["imported"] == 1 and summary["dead_lettered"] == 1  # http:// is not allowed by default
+    assert len(matches(dsn, g)) == 250
+
+
+@pytest.mark.s3
+def test_a_broker_restart_mid_run_loses_no_event_and_doubles_no_row(dsn, files, s3, s3_endpoint):
+    """tansu on S3 storage (the suite's moto server) keeps topics, messages and committed
+    offsets across a restart (TESTING.md): the consumer rides it out."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import Broker
+
+    s3.create_bucket(Bucket=f"{s3.bucket}-tansu")
+    broker = Broker(storage=f"s3://{s3.bucket}-tansu/", env={
+        "AWS_ENDPOINT": s3_endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}).start()
+    try:
+        topics = topic_names()
+        create_topics(broker.bootstrap, *topics[:3])
+        g = group(14)
+        names = [many_chunks(files, f"r{i}.parquet", g, n=1000, prefix=f"r{i}-") for i in range(6)]
+        produce(broker.bootstrap, topics[0], [(f"{i}".encode(), event(n, g, DOMAIN), None)
+                                              for i, n in enumerate(names)])
+        topic, status_topic, dlq_topic, consumer_group = topics
+        cmd = [sys.executable, "-m", "mtool.cli", "--dsn", dsn, "--log-format", "json", "consume",
+               "--bootstrap-servers", broker.bootstrap, "--topic-pattern", f"^{topic}$", "--consumer-group",
+               consumer_group, "--status-topic", status_topic, "--dlq-topic", dlq_topic, "--allow-scheme", "file",
+               "--file-root", str(files), "--workers", "1", "--batch-rows", "500", "--idle-timeout", "20", "--json",
+               *FAST]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                env={**os.environ, "MTOOL_DELAY_AT": "chunk-committed:0.5"})
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            with psycopg.connect(dsn) as conn:
+                done = conn.execute("SELECT count(*) FROM import_jobs WHERE status = 'COMPLETED'").fetchone()[0]
+            if done >= 2:
+                break
+            time.sleep(0.2)
+        broker.stop()  # mid-run: jobs 3.. not yet imported
+        time.sleep(2)
+        broker.start()
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err[-3000:]
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT count(*) FROM import_jobs WHERE status = 'COMPLETED'").fetchone()[0] == 6
+        assert len(matches(dsn, g)) == 6000
+        got = statuses(broker.bootstrap, status_topic, 6)
+        assert len({s["jobId"] for s in got}) == 6 and all(s["status"] == "COMPLETED" for s in got)
+        # and every offset was committed: a new consumer of the group finds nothing left
+        again = consume(broker, dsn, files, topics, "--idle-timeout", "8", check_rc=0)
+        assert json.loads(again.stdout)["consumed"] == 0
+    finally:
+        broker.stop()
