@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 30.0
 POLL_S = 0.5
+KEEP_ALIVE_AFTER_S = 1.0  # an import running longer than this pauses the partitions and polls meanwhile
+KEEP_ALIVE_POLL_S = 0.1
 SECRET_KEYS = ("password", "secret", "sasl.oauthbearer.config", "ssl.key.pem", "token")
 
 
@@ -351,20 +353,27 @@ class Consumer:
     # -- keeping the group membership during an import ----------------------------------------
 
     def _keep_alive(self):
+        """While an import runs on the main thread: after KEEP_ALIVE_AFTER_S, pause the
+        consumer's partitions and poll (serving the group protocol and max.poll.interval.ms)
+        until it ends, then resume them. A quick import never pauses: pausing drops the
+        prefetched messages, and fetching them again cost ~0.5 s per small event."""
         consumer = self
 
         class KeepAlive:
             def __enter__(self):
-                with consumer.lock:
-                    consumer.consumer.pause(consumer.consumer.assignment())
-                consumer.importing.set()
-                self.stop = threading.Event()
+                self.stop, self.paused = threading.Event(), False
                 self.thread = threading.Thread(target=self._run, name="kafka-keep-alive", daemon=True)
                 self.thread.start()
 
             def _run(self):
+                if self.stop.wait(KEEP_ALIVE_AFTER_S):
+                    return
+                with consumer.lock:
+                    consumer.consumer.pause(consumer.consumer.assignment())
+                    consumer.importing.set()
+                    self.paused = True
                 while not self.stop.is_set():
-                    message = consumer._poll(POLL_S)
+                    message = consumer._poll(KEEP_ALIVE_POLL_S)
                     if consumer.health:
                         consumer.health.beat()
                     if message is not None and not message.error():
@@ -373,9 +382,10 @@ class Consumer:
             def __exit__(self, *exc):
                 self.stop.set()
                 self.thread.join()
-                consumer.importing.clear()
-                with consumer.lock:
-                    consumer.consumer.resume(consumer.consumer.assignment())
+                if self.paused:
+                    with consumer.lock:
+                        consumer.consumer.resume(consumer.consumer.assignment())
+                        consumer.importing.clear()
                 return False
 
         return KeepAlive()

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_ROWS = 100_000  # rows per chunk: ~5-8 MB of COPY data, ~0.3 s of server work
 DEFAULT_MAX_REJECTS = 1000
+INLINE_MAX_ROWS = 200_000  # jobs with at most this many rows left run without worker processes
 PROGRESS_SECONDS = 1.0
 
 
@@ -445,7 +446,10 @@ def _run_job(session: Session, db, job, srcs, opts, on_progress, metrics, state_
     reader = Stage(ChunkReader, ReaderArgs(tuple(plans), batch_rows, defaults))
     writer = Stage(ChunkWriter, WriterArgs(db, job.job_id))
     try:
-        pipeline.run(tasks, reader, writer, progress, workers=opts.workers)
+        # A small job runs inline: starting reader and writer processes (spawn: each imports
+        # NumPy and Arrow) costs more than it saves below INLINE_MAX_ROWS.
+        workers = opts.workers if total - processed_before > INLINE_MAX_ROWS else 1
+        pipeline.run(tasks, reader, writer, progress, workers=workers)
         processed, rejected = refresh()
         if rejected > opts.max_rejects:
             raise TooManyRejects(f"{rejected} rows were rejected, more than --max-rejects {opts.max_rejects}",

@@ -1,0 +1,197 @@
+"""`mtool consume` against `mtool ingest` of the same files, through a real broker (tansu), a
+real S3-compatible server (moto) and a throwaway PostgreSQL.
+
+    python benchmarks/consume.py [--events 1000] [--small-rows 100] [--large 3] [--large-rows 1000000]
+                                 [--latency-events 50]
+
+Prints:
+- large files: `mtool ingest s3://...` of each by hand, then the same files (copies under
+  other keys and groups, so that neither run finds the other's job) as events through `mtool
+  consume`: rows/s of each, side by side;
+- small files: --events events produced at once, consumed: events/s and rows/s;
+- event-to-status latency: --latency-events events produced one at a time, each once the
+  previous one's status arrived (an idle consumer): the median and p99 of the time from the
+  event's produce timestamp to its COMPLETED status event's (both stamped by their producers'
+  clocks on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from _util import scratch_dir, start_postgres  # noqa: E402
+
+MTOOL = [sys.executable, "-m", "mtool.cli"]
+DOMAIN = "dddddddd-0000-4000-8000-000000000001"
+ENV_S3 = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def matches_file(rows: int, group: str, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    users = max(10, rows // 20)
+    table = pa.table({"reference_id": [f"u{i}" for i in rng.integers(0, users, rows)],
+                      "matched_reference_id": [f"m{i}" for i in range(rows)],
+                      "compatibility_score": rng.random(rows).astype(np.float32),
+                      "group_id": [group] * rows, "domain_id": [DOMAIN] * rows})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=1000)
+    ap.add_argument("--small-rows", type=int, default=100)
+    ap.add_argument("--large", type=int, default=3)
+    ap.add_argument("--large-rows", type=int, default=1_000_000)
+    ap.add_argument("--latency-events", type=int, default=50)
+    args = ap.parse_args()
+
+    import boto3
+    from confluent_kafka import Consumer, Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+    from moto.server import ThreadedMotoServer
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from tests.conftest import Broker
+
+    work = scratch_dir("mtool-bench-consume-")
+    s3_port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
+    moto.start()
+    endpoint = f"http://127.0.0.1:{s3_port}"
+    s3 = boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in ENV_S3.items()
+                                                      if k != "AWS_DEFAULT_REGION"}, region_name="us-east-1")
+    s3.create_bucket(Bucket="drop")
+    broker = Broker().start()
+    server = start_postgres(free_port())
+    env = {**os.environ, **ENV_S3, "AWS_ENDPOINT_URL": endpoint, "MTOOL_DSN": server.dsn("postgres"),
+           "MTOOL_HOME": work}
+    topic, status_topic = "matches.import.bench", "matches-import-status"
+    try:
+        subprocess.run(MTOOL + ["db", "init"], env=env, check=True, capture_output=True)
+        admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+        for f in admin.create_topics([NewTopic(t, 1, 1) for t in (topic, status_topic, "matches-import-dlq")]).values():
+            f.result(30)
+        producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 5})
+        statuses = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"bench-{uuid.uuid4()}",
+                             "auto.offset.reset": "earliest", "session.timeout.ms": 6000})
+        statuses.subscribe([status_topic])
+
+        def consume(count: int, idle: float = 15.0) -> float:
+            t = time.perf_counter()
+            proc = subprocess.run(MTOOL + ["--log-format", "json", "consume", "--bootstrap-servers", broker.bootstrap,
+                                           "--topic-pattern", rf"^{topic}$", "--max-messages", str(count),
+                                           "--idle-timeout", str(idle), "--json", "--kafka-config",
+                                           "session.timeout.ms=6000"], env=env, capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            return time.perf_counter() - t
+
+        # -- large files: ingest by hand, then the same files as events ---------------------------
+        if args.large:
+            for copy in ("hand", "event"):
+                for i in range(args.large):
+                    s3.put_object(Bucket="drop", Key=f"large/{copy}-{i}.parquet",
+                                  Body=matches_file(args.large_rows, str(uuid.uuid4()), i))
+            t = time.perf_counter()
+            for i in range(args.large):
+                proc = subprocess.run(MTOOL + ["ingest", f"s3://drop/large/hand-{i}.parquet", "--json"], env=env,
+                                      capture_output=True, text=True)
+                assert proc.returncode == 0, proc.stderr[-2000:]
+            hand = time.perf_counter() - t
+            for i in range(args.large):
+                producer.produce(topic, json.dumps({"fileUri": f"s3://drop/large/event-{i}.parquet",
+                                                    "groupId": str(uuid.uuid4()), "domainId": DOMAIN}).encode())
+            producer.flush(30)
+            events_s = consume(args.large)
+            rows = args.large * args.large_rows
+            print(f"large files ({args.large} x {args.large_rows:,} rows, s3://): mtool ingest {rows / hand:,.0f} rows/s "
+                  f"({hand:.1f} s, one process per file); mtool consume {rows / events_s:,.0f} rows/s ({events_s:.1f} s, "
+                  f"one process, consumer start and group join included): {hand / events_s:.2f}x ingest's rate",
+                  flush=True)
+
+        # -- small files: throughput ------------------------------------------------------------------
+        for i in range(args.events + args.latency_events):
+            s3.put_object(Bucket="drop", Key=f"small/{i}.parquet", Body=matches_file(args.small_rows, str(uuid.uuid4()),
+                                                                                     1000 + i))
+        for i in range(args.events):
+            producer.produce(topic, json.dumps({"fileUri": f"s3://drop/small/{i}.parquet", "groupId": str(uuid.uuid4()),
+                                                "domainId": DOMAIN}).encode())
+        producer.flush(30)
+        took = consume(args.events)
+        print(f"small files ({args.events:,} events of {args.small_rows} rows): {args.events / took:,.1f} events/s, "
+              f"{args.events * args.small_rows / took:,.0f} rows/s ({took:.1f} s, consumer start included)", flush=True)
+
+        # -- latency: one event at a time to an idle consumer -------------------------------------
+        seen = 0
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and seen < args.events + args.large:  # drain the statuses so far
+            message = statuses.poll(1.0)
+            seen += message is not None and not message.error()
+        latencies = []
+        proc = subprocess.Popen(MTOOL + ["--log-format", "json", "consume", "--bootstrap-servers", broker.bootstrap,
+                                         "--topic-pattern", rf"^{topic}$", "--max-messages",
+                                         str(args.latency_events), "--idle-timeout", "60", "--kafka-config",
+                                         "session.timeout.ms=6000"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(5)  # joined its group
+        for i in range(args.latency_events):
+            key = f"lat-{i}"
+            producer.produce(topic, key=key, value=json.dumps({
+                "fileUri": f"s3://drop/small/{args.events + i}.parquet", "groupId": str(uuid.uuid4()),
+                "domainId": DOMAIN}).encode())
+            producer.flush(10)
+            sent = None
+            while True:
+                message = statuses.poll(10.0)
+                if message is None:
+                    raise SystemExit(f"no status for event {i} within 10 s")
+                if message.error():
+                    continue
+                body = json.loads(message.value())
+                if body["status"] == "COMPLETED" and body["processedRows"] == args.small_rows:
+                    sent = message.timestamp()[1]
+                    break
+            latencies.append(sent)
+        proc.communicate(timeout=120)
+        # The event's timestamp: read them back from the input topic.
+        reader = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"bench-{uuid.uuid4()}",
+                           "auto.offset.reset": "earliest", "session.timeout.ms": 6000})
+        reader.subscribe([topic])
+        produced = {}
+        deadline = time.monotonic() + 60
+        while len(produced) < args.latency_events and time.monotonic() < deadline:
+            message = reader.poll(1.0)
+            if message is not None and not message.error() and message.key() and message.key().startswith(b"lat-"):
+                produced[int(message.key()[4:])] = message.timestamp()[1]
+        gaps = np.array([latencies[i] - produced[i] for i in range(args.latency_events)], np.float64) / 1000
+        print(f"event to COMPLETED status ({args.latency_events} events, one at a time): median {np.median(gaps):.3f} s, "
+              f"p99 {np.percentile(gaps, 99):.3f} s, min {gaps.min():.3f} s, max {gaps.max():.3f} s", flush=True)
+    finally:
+        server.stop()
+        broker.stop()
+        moto.stop()
+
+
+if __name__ == "__main__":
+    main()
