@@ -125,6 +125,15 @@ def main() -> None:
             producer.flush(30)
             events_s = consume(args.large)
             rows = args.large * args.large_rows
+            import psycopg
+
+            with psycopg.connect(server.dsn("postgres")) as conn:
+                spans = dict(conn.execute(
+                    "SELECT kafka_topic IS NOT NULL, sum(extract(epoch FROM finished_at - created_at)) FROM import_jobs "
+                    "GROUP BY 1").fetchall())
+            print(f"large files, the jobs' own time (created to finished): mtool ingest {rows / spans[False]:,.0f} "
+                  f"rows/s, mtool consume {rows / spans[True]:,.0f} rows/s: {spans[False] / spans[True]:.2f}x",
+                  flush=True)
             print(f"large files ({args.large} x {args.large_rows:,} rows, s3://): mtool ingest {rows / hand:,.0f} rows/s "
                   f"({hand:.1f} s, one process per file); mtool consume {rows / events_s:,.0f} rows/s ({events_s:.1f} s, "
                   f"one process, consumer start and group join included): {hand / events_s:.2f}x ingest's rate",
@@ -138,53 +147,47 @@ def main() -> None:
             producer.produce(topic, json.dumps({"fileUri": f"s3://drop/small/{i}.parquet", "groupId": str(uuid.uuid4()),
                                                 "domainId": DOMAIN}).encode())
         producer.flush(30)
-        took = consume(args.events)
+        took = consume(args.events) if args.events else float("nan")
         print(f"small files ({args.events:,} events of {args.small_rows} rows): {args.events / took:,.1f} events/s, "
               f"{args.events * args.small_rows / took:,.0f} rows/s ({took:.1f} s, consumer start included)", flush=True)
 
         # -- latency: one event at a time to an idle consumer -------------------------------------
-        seen = 0
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and seen < args.events + args.large:  # drain the statuses so far
-            message = statuses.poll(1.0)
-            seen += message is not None and not message.error()
-        latencies = []
         proc = subprocess.Popen(MTOOL + ["--log-format", "json", "consume", "--bootstrap-servers", broker.bootstrap,
                                          "--topic-pattern", rf"^{topic}$", "--max-messages",
                                          str(args.latency_events), "--idle-timeout", "60", "--kafka-config",
                                          "session.timeout.ms=6000"], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         time.sleep(5)  # joined its group
+        gaps = []
         for i in range(args.latency_events):
-            key = f"lat-{i}"
-            producer.produce(topic, key=key, value=json.dumps({
+            job = str(uuid.uuid4())
+            producer.produce(topic, key=job, value=json.dumps({
                 "fileUri": f"s3://drop/small/{args.events + i}.parquet", "groupId": str(uuid.uuid4()),
-                "domainId": DOMAIN}).encode())
+                "domainId": DOMAIN, "jobId": job}).encode())
             producer.flush(10)
-            sent = None
-            while True:
-                message = statuses.poll(10.0)
-                if message is None:
-                    raise SystemExit(f"no status for event {i} within 10 s")
-                if message.error():
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                message = statuses.poll(1.0)
+                if message is None or message.error() or message.key().decode() != job:
                     continue
                 body = json.loads(message.value())
-                if body["status"] == "COMPLETED" and body["processedRows"] == args.small_rows:
-                    sent = message.timestamp()[1]
-                    break
-            latencies.append(sent)
+                assert body["status"] == "COMPLETED", body
+                gaps.append(message.timestamp()[1])
+                break
+            else:
+                proc.kill()
+                raise SystemExit(f"no status for event {i} within 60 s; consumer: {proc.communicate()[1][-3000:]}")
         proc.communicate(timeout=120)
-        # The event's timestamp: read them back from the input topic.
+        # The events' own timestamps, read back from the input topic.
         reader = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"bench-{uuid.uuid4()}",
                            "auto.offset.reset": "earliest", "session.timeout.ms": 6000})
         reader.subscribe([topic])
-        produced = {}
-        deadline = time.monotonic() + 60
-        while len(produced) < args.latency_events and time.monotonic() < deadline:
+        produced, deadline = [], time.monotonic() + 60
+        while len(produced) < args.events + args.large + args.latency_events and time.monotonic() < deadline:
             message = reader.poll(1.0)
-            if message is not None and not message.error() and message.key() and message.key().startswith(b"lat-"):
-                produced[int(message.key()[4:])] = message.timestamp()[1]
-        gaps = np.array([latencies[i] - produced[i] for i in range(args.latency_events)], np.float64) / 1000
+            if message is not None and not message.error():
+                produced.append(message.timestamp()[1])
+        gaps = (np.array(gaps, np.float64) - np.array(produced[-args.latency_events:], np.float64)) / 1000
         print(f"event to COMPLETED status ({args.latency_events} events, one at a time): median {np.median(gaps):.3f} s, "
               f"p99 {np.percentile(gaps, 99):.3f} s, min {gaps.min():.3f} s, max {gaps.max():.3f} s", flush=True)
     finally:
