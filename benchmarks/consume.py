@@ -94,9 +94,6 @@ def main() -> None:
         for f in admin.create_topics([NewTopic(t, 1, 1) for t in (topic, status_topic, "matches-import-dlq")]).values():
             f.result(30)
         producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 5})
-        statuses = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"bench-{uuid.uuid4()}",
-                             "auto.offset.reset": "earliest", "session.timeout.ms": 6000})
-        statuses.subscribe([status_topic])
 
         def consume(count: int, idle: float = 15.0) -> float:
             t = time.perf_counter()
@@ -109,10 +106,12 @@ def main() -> None:
 
         # -- large files: ingest by hand, then the same files as events ---------------------------
         if args.large:
+            groups = {}
             for copy in ("hand", "event"):
                 for i in range(args.large):
+                    groups[copy, i] = str(uuid.uuid4())
                     s3.put_object(Bucket="drop", Key=f"large/{copy}-{i}.parquet",
-                                  Body=matches_file(args.large_rows, str(uuid.uuid4()), i))
+                                  Body=matches_file(args.large_rows, groups[copy, i], i))
             t = time.perf_counter()
             for i in range(args.large):
                 proc = subprocess.run(MTOOL + ["ingest", f"s3://drop/large/hand-{i}.parquet", "--json"], env=env,
@@ -121,7 +120,7 @@ def main() -> None:
             hand = time.perf_counter() - t
             for i in range(args.large):
                 producer.produce(topic, json.dumps({"fileUri": f"s3://drop/large/event-{i}.parquet",
-                                                    "groupId": str(uuid.uuid4()), "domainId": DOMAIN}).encode())
+                                                    "groupId": groups["event", i], "domainId": DOMAIN}).encode())
             producer.flush(30)
             events_s = consume(args.large)
             rows = args.large * args.large_rows
@@ -148,10 +147,21 @@ def main() -> None:
                                                 "domainId": DOMAIN}).encode())
         producer.flush(30)
         took = consume(args.events) if args.events else float("nan")
-        print(f"small files ({args.events:,} events of {args.small_rows} rows): {args.events / took:,.1f} events/s, "
-              f"{args.events * args.small_rows / took:,.0f} rows/s ({took:.1f} s, consumer start included)", flush=True)
+        if args.events:
+            print(f"small files ({args.events:,} events of {args.small_rows} rows): {args.events / took:,.1f} events/s, "
+                  f"{args.events * args.small_rows / took:,.0f} rows/s ({took:.1f} s, consumer start included)",
+                  flush=True)
 
         # -- latency: one event at a time to an idle consumer -------------------------------------
+        if not args.latency_events:
+            return
+        from confluent_kafka import TopicPartition
+
+        # The status topic from its current end, without a group (nothing to time out while idle).
+        statuses = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"bench-{uuid.uuid4()}",
+                             "enable.auto.commit": False})
+        _, end = statuses.get_watermark_offsets(TopicPartition(status_topic, 0), timeout=10)
+        statuses.assign([TopicPartition(status_topic, 0, end)])
         proc = subprocess.Popen(MTOOL + ["--log-format", "json", "consume", "--bootstrap-servers", broker.bootstrap,
                                          "--topic-pattern", rf"^{topic}$", "--max-messages",
                                          str(args.latency_events), "--idle-timeout", "60", "--kafka-config",
