@@ -35,6 +35,7 @@ from _util import scratch_dir, start_postgres  # noqa: E402
 
 MTOOL = [sys.executable, "-m", "mtool.cli"]
 DOMAIN = "dddddddd-0000-4000-8000-000000000001"
+LATENCY_CONFIG = [a for kv in os.environ.get("BENCH_KAFKA_CONFIG", "").split() for a in ("--kafka-config", kv)]
 ENV_S3 = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -165,7 +166,7 @@ def main() -> None:
         proc = subprocess.Popen(MTOOL + ["--log-format", "json", "consume", "--bootstrap-servers", broker.bootstrap,
                                          "--topic-pattern", rf"^{topic}$", "--max-messages",
                                          str(args.latency_events), "--idle-timeout", "60", "--kafka-config",
-                                         "session.timeout.ms=6000"], env=env, stdout=subprocess.PIPE,
+                                         "session.timeout.ms=6000", *LATENCY_CONFIG], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         time.sleep(5)  # joined its group
         gaps = []
@@ -186,7 +187,8 @@ def main() -> None:
                 break
             else:
                 proc.kill()
-                raise SystemExit(f"no status for event {i} within 60 s; consumer: {proc.communicate()[1][-3000:]}")
+                low_high = statuses.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+                raise SystemExit(f"no status for event {i} within 60 s; input topic offsets {low_high}; consumer warnings: " + "\n".join(line for line in proc.communicate()[1].splitlines() if "\"level\": \"info\"" not in line)[-3000:])
         proc.communicate(timeout=120)
         # The events' own timestamps, read back from the input topic.
         reader = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"bench-{uuid.uuid4()}",
