@@ -156,6 +156,7 @@ def main() -> None:
         # -- latency: one event at a time to an idle consumer -------------------------------------
         if not args.latency_events:
             return
+        log = open(os.path.join(work, "consume-latency.log"), "w+")
         from confluent_kafka import TopicPartition
 
         # The status topic from its current end, without a group (nothing to time out while idle).
@@ -166,8 +167,8 @@ def main() -> None:
         proc = subprocess.Popen(MTOOL + ["--log-format", "json", "consume", "--bootstrap-servers", broker.bootstrap,
                                          "--topic-pattern", rf"^{topic}$", "--max-messages",
                                          str(args.latency_events), "--idle-timeout", "60", "--kafka-config",
-                                         "session.timeout.ms=6000", *LATENCY_CONFIG], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                         "session.timeout.ms=6000", *LATENCY_CONFIG], env=env, stdout=subprocess.DEVNULL,
+                                stderr=log, text=True)  # a pipe nobody reads fills at 64 KB and stops it
         time.sleep(5)  # joined its group
         gaps = []
         for i in range(args.latency_events):
@@ -188,7 +189,9 @@ def main() -> None:
             else:
                 proc.kill()
                 low_high = statuses.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
-                raise SystemExit(f"no status for event {i} within 60 s; input topic offsets {low_high}; consumer warnings: " + "\n".join(line for line in proc.communicate()[1].splitlines() if "\"level\": \"info\"" not in line)[-3000:])
+                log.seek(0)
+                raise SystemExit(f"no status for event {i} within 60 s; input topic offsets {low_high}; consumer log: "
+                                 + log.read()[-3000:])
         proc.communicate(timeout=120)
         # The events' own timestamps, read back from the input topic.
         reader = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"bench-{uuid.uuid4()}",
