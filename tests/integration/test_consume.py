@@ -338,7 +338,8 @@ def test_metrics_and_health_endpoints(kafka_broker, dsn, files):
         while time.monotonic() < deadline:
             try:
                 text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-                if 'mtool_events_dead_lettered_total{topic="' in text and "mtool_events_imported_total{" in text:
+                if 'mtool_events_dead_lettered_total{topic="' in text and "mtool_events_imported_total{" in text \
+                        and "kafka_consumer_lag{" in text:
                     break
             except OSError:
                 pass
@@ -351,6 +352,7 @@ def test_metrics_and_health_endpoints(kafka_broker, dsn, files):
     assert f'mtool_events_dead_lettered_total{{topic="{topic}"}} 1.0' in text
     assert f'mtool_events_imported_total{{topic="{topic}"}} 1.0' in text
     assert "match_suggestions_storage_matches_saved_total" in text and "kafka_consumer_errors" in text
+    assert f'kafka_consumer_lag{{partition="0",topic="{topic}"}} 0.0' in text  # librdkafka's statistics, caught up
     assert proc.returncode == 3
 
 
