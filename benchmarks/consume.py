@@ -39,14 +39,6 @@ LATENCY_CONFIG = [a for kv in os.environ.get("BENCH_KAFKA_CONFIG", "").split() f
 ENV_S3 = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def matches_file(rows: int, group: str, seed: int) -> bytes:
     rng = np.random.default_rng(seed)
     users = max(10, rows // 20)
@@ -74,7 +66,7 @@ def main() -> None:
     from moto.server import ThreadedMotoServer
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from tests.conftest import Broker
+    from tests.conftest import Broker, free_port
 
     work = scratch_dir("mtool-bench-consume-")
     s3_port = free_port()

@@ -210,10 +210,15 @@ def http_plain(http_dir):
 
 # -- running the command ------------------------------------------------------------------
 
+def mtool_command(args, dsn=None) -> list:
+    """The command line of `mtool ARGS` (JSON log lines), for run_mtool or a Popen of one's own."""
+    return [sys.executable, "-m", "mtool.cli", *(["--dsn", dsn] if dsn else []), "--log-format", "json", *args]
+
+
 def run_mtool(args, dsn=None, env=None, timeout=300, check_rc=None):
     """Run `mtool ARGS` in a subprocess (the real entry point, signals and all)."""
     full_env = {**os.environ, **(env or {})}
-    cmd = [sys.executable, "-m", "mtool.cli", *(["--dsn", dsn] if dsn else []), "--log-format", "json", *args]
+    cmd = mtool_command(args, dsn)
     # Own session: crash hooks kill their whole process group, never the test runner.
     proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout,
                           start_new_session=True)

@@ -34,6 +34,10 @@ POLL_S = 0.5
 KEEP_ALIVE_AFTER_S = 1.0  # an import running longer than this pauses the partitions and polls meanwhile
 KEEP_ALIVE_POLL_S = 0.1
 SECRET_KEYS = ("password", "secret", "sasl.oauthbearer.config", "ssl.key.pem", "token")
+# Settings of the consumer only: the producer (status events, dead letters) does not take them.
+_CONSUMER_ONLY = ("group.", "enable.auto.commit", "auto.offset.reset", "session.timeout.ms",
+                  "heartbeat.interval.ms", "max.poll.interval.ms", "enable.partition.eof", "partition.assignment",
+                  "fetch.", "isolation.level", "auto.commit", "group.instance.id")
 
 
 @dataclass(frozen=True)
@@ -91,10 +95,6 @@ def kafka_settings(opts: ConsumeOptions) -> tuple[dict, dict]:
     producer = {**common, "enable.idempotence": True, "acks": "all", **producer_user}
     return consumer, producer
 
-
-_CONSUMER_ONLY = ("group.", "enable.auto.commit", "auto.offset.reset", "session.timeout.ms",
-                  "heartbeat.interval.ms", "max.poll.interval.ms", "enable.partition.eof", "partition.assignment",
-                  "fetch.", "isolation.level", "auto.commit", "group.instance.id")
 
 
 def check_topics(opts: ConsumeOptions) -> None:

@@ -428,12 +428,7 @@ def _run_job(session: Session, db, job, srcs, opts, on_progress, metrics, state_
     batch_rows = int(job.options.get("batch_rows", opts.batch_rows))  # resume with the job's own chunking
     plans = inspect(srcs, opts)
     total = sum(sum(p.row_group_rows) for p in plans)
-    where = ", ".join(s.uri for s in srcs[:3]) + (f" and {len(srcs) - 3} more" if len(srcs) > 3 else "")
-    if opts.expected_rows is not None and total != opts.expected_rows:
-        raise InvalidInput(f"{where}: the files hold {total} rows, the event's rowCount says {opts.expected_rows}",
-                           hint="the producer announced other files than these; nothing was imported")
-    if opts.checksum:
-        verify_checksum(srcs, opts.checksum, where)
+    check_announced(srcs, opts, total)
     session.run(lambda c: jobs.start(c, job.job_id, total), "start job")
     refresh = lambda: session.run(lambda c: jobs.record_progress(c, job.job_id), "record progress")  # noqa: E731
     done = session.run(lambda c: jobs.done_chunks(c, job.job_id), "read checkpoint")
@@ -468,6 +463,16 @@ def _run_job(session: Session, db, job, srcs, opts, on_progress, metrics, state_
         if rejected else None
     final = session.run(lambda c: jobs.get(c, job.job_id), "read job")
     return _result(final, len(srcs), time.monotonic() - t0, rejects_file=rejects_path)
+
+
+def check_announced(srcs, opts: IngestOptions, total: int) -> None:
+    """What an event announced of its files (rowCount, checksum) must hold, before any row is written."""
+    where = ", ".join(s.uri for s in srcs[:3]) + (f" and {len(srcs) - 3} more" if len(srcs) > 3 else "")
+    if opts.expected_rows is not None and total != opts.expected_rows:
+        raise InvalidInput(f"{where}: the files hold {total} rows, the event's rowCount says {opts.expected_rows}",
+                           hint="the producer announced other files than these; nothing was imported")
+    if opts.checksum:
+        verify_checksum(srcs, opts.checksum, where)
 
 
 def verify_checksum(srcs, checksum: str, where: str) -> None:
@@ -570,12 +575,7 @@ def _result(job, files: int, duration: float, already: bool = False, rejects_fil
 def _dry_run(opts: IngestOptions, srcs, on_progress, t0) -> ImportResult:
     plans = inspect(srcs, opts)
     total = sum(sum(p.row_group_rows) for p in plans)
-    where = ", ".join(s.uri for s in srcs[:3]) + (f" and {len(srcs) - 3} more" if len(srcs) > 3 else "")
-    if opts.expected_rows is not None and total != opts.expected_rows:
-        raise InvalidInput(f"{where}: the files hold {total} rows, the event's rowCount says {opts.expected_rows}",
-                           hint="the producer announced other files than these; nothing was imported")
-    if opts.checksum:
-        verify_checksum(srcs, opts.checksum, where)
+    check_announced(srcs, opts, total)
     progress = Progress(total, 0, opts.max_rejects, on_progress, None, None)
     reader = Stage(ChunkReader, ReaderArgs(tuple(plans), opts.batch_rows,
                                            contract.RowDefaults(opts.group_id, opts.domain_id)))

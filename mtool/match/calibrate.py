@@ -103,12 +103,17 @@ def sample_size(minimum: int, pool: int) -> int:
     return int(np.clip(CHECK_PAIRS // max(1, pool), minimum, 4 * minimum))
 
 
+def calibration_size(size: int) -> int:
+    """Queries of the calibration sample beside a check sample of `size`."""
+    return max(1, min(size, max(16, size // 4)))
+
+
 def samples(queries: np.ndarray, size: int, salt: int) -> tuple[np.ndarray, np.ndarray]:
     """Two disjoint seeded samples of the plan's queries (node indices): calibration (a quarter
     of `size`: it only has to tell a width far from the target, 0.6 against 0.99, and its rule is
     lenient anyway) and the check (`size`: the estimate the cycle records)."""
     size = max(1, min(size, len(queries) // 2))
-    small = max(1, min(size, max(16, size // 4)))
+    small = calibration_size(size)
     pick = np.random.default_rng([SEED, salt]).permutation(len(queries))
     return np.sort(queries[pick[:small]]), np.sort(queries[pick[small:small + size]])
 

@@ -176,7 +176,7 @@ def _block_width(kind: str, domain) -> int:
     return max(1, size) if size <= ONE_HOT_MAX else HASH_DIMS
 
 
-def _layout(features: Features):
+def layout(features: Features):
     """The metadata blocks (kind, entry), their domains and widths, and the embedding's width."""
     blocks = [("categorical", e) for e in features.categorical] + [("numeric", e) for e in features.numeric] + \
              [("multi", e) for e in features.multi]
@@ -185,18 +185,19 @@ def _layout(features: Features):
     return blocks, domains, widths, 0 if features.embedding is None else features.embedding[0].shape[1]
 
 
-def key_spans(features: Features) -> list:
+def key_spans(features: Features, blocks=None) -> list:
     """Each key's (start, stop) columns in `vectors`, in Presence's key order (categorical,
-    numeric, multi-value keys, then the embedding)."""
-    _, _, widths, emb_dims = _layout(features)
+    numeric, multi-value keys, then the embedding). `blocks`: layout(features), when the caller
+    has it (it computes the numeric keys' kernel factors)."""
+    _, _, widths, emb_dims = blocks or layout(features)
     ends = np.cumsum([0] + widths + ([emb_dims] if emb_dims else []))
     return [(int(a), int(b)) for a, b in zip(ends[:-1], ends[1:])]
 
 
-def vectors(profile, features: Features, n: int) -> np.ndarray:
+def vectors(profile, features: Features, n: int, blocks=None) -> np.ndarray:
     """(n, d) float32 search vectors; inner products approximate the weighted key scores. A
-    key a node lacks leaves its block zero (PatternJoin relies on it)."""
-    blocks, domains, widths, emb_dims = _layout(features)
+    key a node lacks leaves its block zero (PatternJoin relies on it). `blocks`: as key_spans."""
+    blocks, domains, widths, emb_dims = blocks or layout(features)
     out = np.zeros((n, sum(widths) + emb_dims), np.float32)
     at = 0
     for (kind, entry), domain, width in zip(blocks, domains, widths):

@@ -398,25 +398,25 @@ def _plans(opts, profile, group, features, stats: dict) -> tuple[list, np.ndarra
     n = len(group)
     vecs = missing = None  # missing: an enc.Presence where nodes lack keys (else the plain vectors rank right)
     plans = []
-    spans = enc.key_spans(features)
+    blocks = enc.layout(features)  # computed once: the spans and the vectors share it
+    spans = enc.key_spans(features, blocks)
     dims = spans[-1][1] if spans else 0  # of the search vectors
     for queries, pool in _sides(profile, group, features):
         if len(queries) == 0 or len(pool) == 0:
             continue
         plan = Plan(queries, pool)
         sample = calibrate.sample_size(opts.recall_sample, len(pool))
-        if not exact_plan(len(queries), len(pool), dims, profile.k, sample + max(16, sample // 4)):
+        if not exact_plan(len(queries), len(pool), dims, profile.k, sample + calibrate.calibration_size(sample)):
             t_build = time.monotonic()
             if vecs is None:
-                vecs = enc.vectors(profile, features, n)
+                vecs = enc.vectors(profile, features, n, blocks)
                 presence = enc.Presence(features, n)
                 # nodes lack keys: the formula's constant share and denominator depend on the keys both
                 # nodes have, so the pool is searched pattern by pattern (search.PatternJoin)
                 if not presence.complete:
                     missing = presence
             if missing is not None:
-                join = PatternJoin(vecs, missing, pool, enc.key_spans(features), profile.missing == "zero",
-                                   opts.threads)
+                join = PatternJoin(vecs, missing, pool, spans, profile.missing == "zero", opts.threads)
                 probes = join.probes(vecs[queries], None, missing.query_terms(queries))
             else:
                 join = ListJoin(vecs if len(pool) == n else vecs[pool], opts.device, opts.threads)  # no copy

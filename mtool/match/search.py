@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -241,6 +242,16 @@ class ListJoin:
 PATTERN_MIN = LIST_SIZE  # pool nodes a presence pattern needs for a join of its own
 
 
+class _Part(NamedTuple):
+    """One join of a PatternJoin: its pattern's keys (K,) as 0/1 (None: the rare patterns' join),
+    their columns of the vectors, the join, and its first list and first position in the whole."""
+    pattern: np.ndarray | None
+    columns: np.ndarray | None
+    join: "ListJoin"
+    first_list: int
+    first_position: int
+
+
 class PatternJoin:
     """The pool split by presence pattern (which keys a node has), for pools where nodes lack
     keys. The formula divides a pair's weighted key scores by the weights of the keys *both*
@@ -266,7 +277,7 @@ class PatternJoin:
         counts = np.bincount(inverse, minlength=len(patterns))
         self.presence = presence
         self.denominator = float(presence.weight.sum()) if missing_zero else None
-        self.parts = []  # (pattern (K,) float32 or None for the rare ones, columns, ListJoin, first list, first position)
+        self.parts: list[_Part] = []
         order, rare, first_list = [], [], 0
         for p in np.argsort(-counts, kind="stable"):
             if not patterns[p].any():
@@ -276,8 +287,8 @@ class PatternJoin:
                 rare.append(members)
                 continue
             columns = np.concatenate([np.arange(*spans[key]) for key in np.flatnonzero(patterns[p])])
-            join = ListJoin(np.ascontiguousarray(vectors[pool[members]][:, columns]), None, threads)
-            self.parts.append((patterns[p].astype(np.float32), columns, join, first_list, sum(map(len, order))))
+            join = ListJoin(vectors[np.ix_(pool[members], columns)], None, threads)
+            self.parts.append(_Part(patterns[p].astype(np.float32), columns, join, first_list, sum(map(len, order))))
             order.append(members[join.order])
             first_list += join.nlist
         if rare:
@@ -286,22 +297,21 @@ class PatternJoin:
             join = ListJoin(presence.pool_vectors(vectors, nodes), None, threads)
             join.normalise(presence.has[nodes], presence.total()[nodes], presence.has[nodes] @ presence.constant,
                            self.denominator)
-            self.parts.append((None, None, join, first_list, sum(map(len, order))))
+            self.parts.append(_Part(None, None, join, first_list, sum(map(len, order))))
             order.append(members[join.order])
             first_list += join.nlist
         self.order = np.concatenate(order) if order else np.zeros(0, np.int64)
         self.nlist = first_list
 
-    def _query(self, part, query_vectors):
-        pattern, columns, _, _, _ = part
-        if pattern is None:
+    def _query(self, part: _Part, query_vectors):
+        if part.pattern is None:
             return self.presence.query_vectors(query_vectors)
-        return np.ascontiguousarray(query_vectors[:, columns])
+        return np.ascontiguousarray(query_vectors[:, part.columns])
 
     def _affine(self, part, terms):
         """Per query: (1 / weight, constant / weight) of the keys it shares with the part's
         pattern (or with the profile, `missing: zero`); None for the rare patterns' join."""
-        pattern = part[0]
+        pattern = part.pattern
         if pattern is None:
             return None, None
         shared = terms[1] @ pattern
@@ -315,10 +325,10 @@ class PatternJoin:
         out = []
         has = None if terms is None else terms[1] > 0
         for part in self.parts:
-            probes = part[2].probes(self._query(part, query_vectors), setting)
-            probes = np.where(probes >= 0, probes + part[3], -1).astype(np.int32)
-            if part[0] is not None and has is not None:
-                probes[~(has @ (part[0] > 0))] = -1
+            probes = part.join.probes(self._query(part, query_vectors), setting)
+            probes = np.where(probes >= 0, probes + part.first_list, -1).astype(np.int32)
+            if part.pattern is not None and has is not None:
+                probes[~(has @ (part.pattern > 0))] = -1
             out.append(probes)
         return np.concatenate(out, axis=1) if out else np.zeros((len(query_vectors), 0), np.int32)
 
@@ -347,7 +357,7 @@ class PatternJoin:
         """Each part's columns in a probes array `total` wide: min(probe_max, its lists) for the
         setting's probe_max, which `total` determines (the sum grows with it until every part is
         whole, and equal sums mean equal columns)."""
-        nlists = [part[2].nlist for part in self.parts]
+        nlists = [part.join.nlist for part in self.parts]
         for most in range(1, max(nlists, default=0) + 1):
             widths = [min(most, nl) for nl in nlists]
             if sum(widths) == total:

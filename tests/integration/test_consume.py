@@ -11,7 +11,7 @@ import uuid
 import psycopg
 import pytest
 
-from tests.conftest import run_mtool
+from tests.conftest import mtool_command, run_mtool
 from tests.integration.helpers import DOMAIN, job_row, matches, rows_for, write
 from tests.integration.kafka_helpers import FAST, create_topics, event, produce, read_all, statuses, topic_names
 
@@ -22,15 +22,21 @@ def group(n: int) -> str:
     return f"aaaaaaaa-0000-4000-8000-{n:012d}"
 
 
-def consume(broker, dsn, files, topics, *extra, env=None, check_rc=None, timeout=120, idle=8):
-    """Run `mtool consume` on the test's topics until --max-messages or `idle` seconds without an
-    event (after a killed consumer, the group waits out its session timeout first: give more)."""
+def consume_args(broker, files, topics, *extra, idle=8) -> list:
+    """`consume` and its options on the test's topics: until --max-messages or `idle` seconds
+    without an event (after a killed consumer, the group waits out its session timeout first:
+    give more)."""
     topic, status_topic, dlq_topic, consumer_group = topics
-    args = ["consume", "--bootstrap-servers", broker.bootstrap, "--topic-pattern", f"^{topic}$",
+    return ["consume", "--bootstrap-servers", broker.bootstrap, "--topic-pattern", f"^{topic}$",
             "--consumer-group", consumer_group, "--status-topic", status_topic, "--dlq-topic", dlq_topic,
             "--allow-scheme", "file", "--allow-scheme", "s3", "--file-root", str(files), "--workers", "1",
             "--idle-timeout", str(idle), "--json", *FAST, *extra]
-    return run_mtool(args, dsn, env=env, check_rc=check_rc, timeout=timeout)
+
+
+def consume(broker, dsn, files, topics, *extra, env=None, check_rc=None, timeout=120, idle=8):
+    """Run `mtool consume` (consume_args) to its end."""
+    return run_mtool(consume_args(broker, files, topics, *extra, idle=idle), dsn, env=env, check_rc=check_rc,
+                     timeout=timeout)
 
 
 def test_valid_events_import_their_rows_and_emit_completed(kafka_broker, dsn, files):
@@ -206,7 +212,6 @@ def test_killed_after_the_status_before_the_commit_redelivery_sends_it_again(kaf
 def test_sigterm_leaves_the_job_resumable_and_the_offset_uncommitted(kafka_broker, dsn, files):
     import signal
     import subprocess
-    import sys
     import time
 
     topics = topic_names()
@@ -215,10 +220,7 @@ def test_sigterm_leaves_the_job_resumable_and_the_offset_uncommitted(kafka_broke
     f = many_chunks(files, "slow.parquet", g)
     produce(kafka_broker.bootstrap, topics[0], [(b"k", event(f, g, DOMAIN), None)])
     topic, status_topic, dlq_topic, consumer_group = topics
-    cmd = [sys.executable, "-m", "mtool.cli", "--dsn", dsn, "--log-format", "json", "consume", "--bootstrap-servers",
-           kafka_broker.bootstrap, "--topic-pattern", f"^{topic}$", "--consumer-group", consumer_group,
-           "--status-topic", status_topic, "--dlq-topic", dlq_topic, "--allow-scheme", "file", "--file-root",
-           str(files), "--workers", "1", "--batch-rows", "500", "--idle-timeout", "8", *FAST]
+    cmd = mtool_command(consume_args(kafka_broker, files, topics, "--batch-rows", "500", idle=8), dsn)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "MTOOL_DELAY_AT": "chunk-committed:0.7"}, start_new_session=True)
     deadline = time.monotonic() + 60
@@ -264,7 +266,6 @@ def test_a_long_import_does_not_make_the_consumer_leave_its_group(kafka_broker, 
 
 def test_two_consumers_in_one_group_share_the_partitions_and_import_each_event_once(kafka_broker, dsn, files):
     import subprocess
-    import sys
 
     topics = topic_names()
     create_topics(kafka_broker.bootstrap, topics[0], partitions=4)
@@ -274,10 +275,7 @@ def test_two_consumers_in_one_group_share_the_partitions_and_import_each_event_o
     produce(kafka_broker.bootstrap, topics[0], [(f"{i}".encode(), event(n, g, DOMAIN), None, i % 4)
                                                  for i, n in enumerate(names)])
     topic, status_topic, dlq_topic, consumer_group = topics
-    cmd = [sys.executable, "-m", "mtool.cli", "--dsn", dsn, "--log-format", "json", "consume", "--bootstrap-servers",
-           kafka_broker.bootstrap, "--topic-pattern", f"^{topic}$", "--consumer-group", consumer_group,
-           "--status-topic", status_topic, "--dlq-topic", dlq_topic, "--allow-scheme", "file", "--file-root",
-           str(files), "--workers", "1", "--idle-timeout", "10", "--json", *FAST]
+    cmd = mtool_command(consume_args(kafka_broker, files, topics, idle=10), dsn)
     env = {**os.environ, "MTOOL_DELAY_AT": "chunk-committed:1.0"}  # slow imports: both get to work
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                               start_new_session=True) for _ in range(2)]
@@ -315,7 +313,6 @@ def test_no_secret_in_logs_status_events_or_dead_letters(kafka_broker, dsn, file
 
 def test_metrics_and_health_endpoints(kafka_broker, dsn, files):
     import subprocess
-    import sys
     import time
     import urllib.request
 
@@ -328,10 +325,7 @@ def test_metrics_and_health_endpoints(kafka_broker, dsn, files):
     produce(kafka_broker.bootstrap, topics[0], [(b"1", event(f, g, DOMAIN), None), (b"2", b"junk", None)])
     port = free_port()
     topic, status_topic, dlq_topic, consumer_group = topics
-    cmd = [sys.executable, "-m", "mtool.cli", "--dsn", dsn, "--log-format", "json", "consume", "--bootstrap-servers",
-           kafka_broker.bootstrap, "--topic-pattern", f"^{topic}$", "--consumer-group", consumer_group,
-           "--status-topic", status_topic, "--dlq-topic", dlq_topic, "--allow-scheme", "file", "--file-root",
-           str(files), "--workers", "1", "--idle-timeout", "12", "--metrics-port", str(port), *FAST]
+    cmd = mtool_command(consume_args(kafka_broker, files, topics, "--metrics-port", str(port), idle=12), dsn)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         text, deadline = "", time.monotonic() + 60
@@ -380,7 +374,6 @@ def test_a_broker_restart_mid_run_loses_no_event_and_doubles_no_row(dsn, files, 
     """tansu on S3 storage (the suite's moto server) keeps topics, messages and committed
     offsets across a restart (TESTING.md): the consumer rides it out."""
     import subprocess
-    import sys
     import time
 
     from tests.conftest import Broker
@@ -397,11 +390,7 @@ def test_a_broker_restart_mid_run_loses_no_event_and_doubles_no_row(dsn, files, 
         produce(broker.bootstrap, topics[0], [(f"{i}".encode(), event(n, g, DOMAIN), None)
                                               for i, n in enumerate(names)])
         topic, status_topic, dlq_topic, consumer_group = topics
-        cmd = [sys.executable, "-m", "mtool.cli", "--dsn", dsn, "--log-format", "json", "consume",
-               "--bootstrap-servers", broker.bootstrap, "--topic-pattern", f"^{topic}$", "--consumer-group",
-               consumer_group, "--status-topic", status_topic, "--dlq-topic", dlq_topic, "--allow-scheme", "file",
-               "--file-root", str(files), "--workers", "1", "--batch-rows", "500", "--idle-timeout", "20", "--json",
-               *FAST]
+        cmd = mtool_command(consume_args(broker, files, topics, "--batch-rows", "500", idle=20), dsn)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                                 env={**os.environ, "MTOOL_DELAY_AT": "chunk-committed:0.5"})
         deadline = time.monotonic() + 90
