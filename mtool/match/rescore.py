@@ -80,8 +80,10 @@ def pool_top_k(queries, offset, pool_size, features, rank, k, xp, symmetric):
     the slice's features gathered once), and a query keeps from a slice only the pairs that
     reach its K-th best so far (one comparison; the few kept are merged with compat.top_k, so
     ties are broken by rank exactly as a whole-row top K would). One query against the whole
-    pool at a time took 63 ns a pair at 1M nodes, most of it the cosines gathered by index and
-    a partition of a million-long row; this takes ~20 (benchmarks/match.py population)."""
+    pool at a time took 63 ns a pair at 1M nodes; this takes ~11 (benchmarks/match.py
+    population, one thread). Rejected: skipping pairs whose score bound from their cosine alone
+    (every other key scoring 1) is below the K-th best. It left 8% of the pairs, but gathering
+    those for the rest of the kernel cost more than scoring every pair in place (12.8 ns a pair)."""
     from mtool.device import to_host
 
     nbs, scs = [], []
@@ -92,12 +94,15 @@ def pool_top_k(queries, offset, pool_size, features, rank, k, xp, symmetric):
         width = max(1024, PAIR_BUDGET // len(q))
         for lo in range(offset, offset + pool_size, width):
             cols = xp.arange(lo, min(offset + pool_size, lo + width))
-            c = xp.broadcast_to(cols[None, :], (len(q), len(cols)))
-            scores = compat.pair_scores(features, q, c)
-            if symmetric:
-                scores = xp.where(c == q[:, None], xp.float32(compat.EXCLUDED), scores)
-            keep = (scores >= best_sc[:, -1:]) & ~xp.isinf(scores)  # ties at the K-th best: top_k decides
-            row, col = xp.nonzero(keep)
+            scores = compat.pair_scores(features, q, xp.broadcast_to(cols[None, :], (len(q), len(cols))))
+            # Only the pairs reaching the K-th best so far, as flat positions (a 2-D nonzero and a
+            # masked copy of the slice for the query itself took half the scan's time).
+            flat = xp.flatnonzero((scores >= best_sc[:, -1:]) & ~xp.isinf(scores))  # ties: top_k decides
+            row, col = xp.divmod(flat, len(cols))
+            score = scores.reshape(-1)[flat]
+            if symmetric:  # not the query itself
+                kept = cols[col] != q[row]
+                row, col, score = row[kept], col[kept], score[kept]
             if len(row) == 0:
                 continue
             counts = xp.bincount(row, minlength=len(q))
@@ -106,7 +111,7 @@ def pool_top_k(queries, offset, pool_size, features, rank, k, xp, symmetric):
             cand = xp.full((len(q), width_kept), -1, xp.int64)
             cand_sc = xp.full((len(q), width_kept), compat.EXCLUDED, xp.float32)
             cand[row, place] = cols[col]
-            cand_sc[row, place] = scores[row, col]
+            cand_sc[row, place] = score
             merged = xp.concatenate([best_nb, cand], axis=1)
             best_nb, best_sc = compat.top_k(xp.concatenate([best_sc, cand_sc], axis=1), xp.maximum(merged, 0), rank, k)
         nbs.append(to_host(best_nb))
