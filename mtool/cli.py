@@ -603,13 +603,19 @@ def nodes_import(obj, uris, group_id, domain_id, mapping, max_rejects, rejects_f
 @opt("--allow-empty", is_flag=True,
      help="Let a cycle that found no edge (an empty side, no comparable data) replace the group's matches "
           "with none. Without it such a group is SKIPPED, its previous matches kept, and the exit code is 3.")
+@opt("--force", is_flag=True,
+     help="Compute every selected group, also one whose nodes, profile and options are those of its last "
+          "COMPLETED cycle (without it such a group is UNCHANGED: no work, its matches stay).")
 @opt("--metrics-textfile", type=click.Path(dir_okay=False), help="Write Prometheus metrics here at the end.")
 @opt("--pushgateway", help="Push Prometheus metrics to this Pushgateway URL at the end.")
 @opt("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @click.pass_obj
 def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, cycle_id, output, block_rows,
-          target_recall, max_candidates, recall_sample, allow_empty, metrics_textfile, pushgateway, as_json):
+          target_recall, max_candidates, recall_sample, allow_empty, force, metrics_textfile, pushgateway, as_json):
     """Compute each selected group's top-K potential matches and write them as a new cycle.
+
+    A group whose nodes, profile and options did not change since its last COMPLETED cycle is
+    UNCHANGED: it does no work and keeps its matches (--force computes it again).
 
     Readers of potential_matches see a group's previous cycle until its new one is complete.
     The profile and every option are checked before any group (exit 78 for the profile, 2 for
@@ -637,7 +643,8 @@ def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, 
     opts = engine.MatchOptions(profile_obj, dev.choose(device), tuple(domain_ids), tuple(group_ids), (index, count),
                                cycle_id, None if output == "postgres" else output,
                                block_rows=block_rows, staging_dir=os.path.join(state_dir(), "staging"),
-                               allow_empty=allow_empty, max_candidates=max_candidates, recall_sample=recall_sample,
+                               allow_empty=allow_empty, force=force, max_candidates=max_candidates,
+                               recall_sample=recall_sample,
                                target_recall=target_recall or profile_obj.target_recall or engine.calibrate.DEFAULT_TARGET,
                                workers=max(1, workers), metrics=metrics)
 
@@ -674,7 +681,8 @@ def match(obj, domain_ids, group_ids, profile, k, mode, device, workers, shard, 
     if as_json:
         click.echo(json.dumps(out, default=str))
     else:
-        click.echo(f"{out['completed']} group(s) matched, {out['failed']} failed, {out['skipped']} skipped")
+        click.echo(f"{out['completed']} group(s) matched, {out['failed']} failed, {out['skipped']} skipped, "
+                   f"{out['unchanged']} unchanged")
         for g in summary.groups:
             if g.status == "FAILED" or (g.status == "SKIPPED" and g.empty):
                 click.echo(f"  {g.status} {g.group_id}: {g.error}")

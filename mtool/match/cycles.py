@@ -25,12 +25,40 @@ ENGINE_VERSION = 4  # bump when the same inputs would give other results (search
 RESUMABLE = ("PROCESSING", "FAILED")
 
 
+def option_inputs(opts) -> dict:
+    """What decides a cycle's result besides its nodes: the profile and the options."""
+    return {"profile": opts.profile.describe(), "device": getattr(opts.device, "value", str(opts.device)),
+            "block_rows": opts.block_rows, "target_recall": opts.target_recall,
+            "max_candidates": opts.max_candidates, "recall_sample": opts.recall_sample, "output": opts.output,
+            "engine": ENGINE_VERSION}
+
+
 def inputs(opts, group) -> dict:
-    """Everything that decides a cycle's result."""
-    return {"nodes": len(group), "nodes_digest": group.digest, "profile": opts.profile.describe(),
-            "device": getattr(opts.device, "value", str(opts.device)), "block_rows": opts.block_rows,
-            "target_recall": opts.target_recall, "max_candidates": opts.max_candidates,
-            "recall_sample": opts.recall_sample, "engine": ENGINE_VERSION}
+    """Everything that decides a cycle's result: the loaded nodes (their count, the digest of
+    the data read, the group's node version then) and option_inputs."""
+    return {"nodes": len(group), "nodes_digest": group.digest, "nodes_version": group.version,
+            **option_inputs(opts)}
+
+
+def unchanged_since(conn, gid: str, options: dict, version: int | None) -> tuple[str, int] | None:
+    """(cycle id, node count) of the group's last COMPLETED cycle when nothing it computed from
+    has changed since: the group's node version (migration 0004, bumped by any statement that
+    writes its nodes), the profile and the options are the same, and the group's matches are
+    still that cycle's (no import replaced them since). Else None: the group must be computed."""
+    if version is None:
+        return None
+    row = conn.execute("SELECT cycle_id, inputs, edge_count FROM match_cycles WHERE group_id = %s AND "
+                       "status = 'COMPLETED' ORDER BY finished_at DESC NULLS LAST LIMIT 1", (gid,)).fetchone()
+    if row is None or options.get("output") is not None:  # a Parquet output is not checked: computed again
+        return None
+    cycle_id, recorded, edges = row
+    if recorded.get("nodes_version") != version or {k: recorded.get(k) for k in options} != options:
+        return None
+    current = conn.execute("SELECT processing_cycle_id FROM potential_matches WHERE group_id = %s LIMIT 1",
+                           (gid,)).fetchone()
+    if (current[0] if current else None) != (cycle_id if edges else None):
+        return None
+    return cycle_id, recorded.get("nodes", 0)
 
 
 def fingerprint(cycle_inputs: dict) -> str:

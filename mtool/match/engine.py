@@ -57,6 +57,7 @@ class MatchOptions:
     threads: int | None = None  # compute threads per group process (default: CPUs / workers)
     workers: int = 1  # groups processed at once, each in its own process (1: inline)
     allow_empty: bool = False  # let a cycle with no edge replace the group's matches (else SKIPPED)
+    force: bool = False  # compute a group whose nodes, profile and options are its last COMPLETED cycle's
     metrics: object = None  # mtool.metrics.MatchMetrics (kept in the parent)
     on_nodes: object = None  # on_nodes(count) as each block of `count` query nodes is done (inline runs only)
 
@@ -64,7 +65,7 @@ class MatchOptions:
 @dataclass
 class GroupResult:
     group_id: str
-    status: str  # COMPLETED, FAILED, SKIPPED
+    status: str  # COMPLETED, FAILED, SKIPPED, UNCHANGED (nothing changed since its last cycle: no work)
     cycle_id: str | None = None
     nodes: int = 0
     edges: int = 0
@@ -72,6 +73,7 @@ class GroupResult:
     error: str | None = None
     empty: bool = False  # SKIPPED because the cycle found no edge (exit 3), not for a lock
     quality: dict | None = None  # the recall estimate and the search each plan used (calibrate.py)
+    timings: dict = field(default_factory=dict)  # seconds per stage (load, encode, ..., key, swap)
     graph_build_s: float | None = None
     block_seconds: list = field(default_factory=list)
 
@@ -91,7 +93,8 @@ class MatchSummary:
     def to_json(self) -> dict:
         return {"groups": [g.__dict__ for g in self.groups], "failed": self.failed,
                 "completed": sum(g.status == "COMPLETED" for g in self.groups),
-                "skipped": sum(g.status == "SKIPPED" for g in self.groups), "empty": self.empty}
+                "skipped": sum(g.status == "SKIPPED" for g in self.groups), "empty": self.empty,
+                "unchanged": sum(g.status == "UNCHANGED" for g in self.groups)}
 
 
 def in_shard(group_id: str, shard: tuple) -> bool:
@@ -203,14 +206,25 @@ def _run_group_with_retries(session, db, opts, gid, did) -> GroupResult:
 
     session.on_connect = relock
     try:
+        if not opts.force:
+            version = session.run(lambda c: node_repo.node_version(c, gid), "read node version")
+            done = session.run(lambda c: cycles.unchanged_since(c, gid, cycles.option_inputs(opts), version),
+                               "check unchanged")
+            if done:
+                reason = (f"unchanged since cycle {done[0]}: same nodes (version {version}), profile and options; "
+                          "its matches stay (--force computes the group again)")
+                log.info("group %s: %s", gid, reason, extra={"group_id": gid, "cycle_id": done[0]})
+                return GroupResult(gid, "UNCHANGED", done[0], done[1], error=reason)
         t0 = time.monotonic()
         timings = {}
         profile = opts.profile
         keys = [s.name for s in profile.keys] + ([profile.partition.key] if profile.partition else [])
         try:
             group = session.run(lambda c: node_repo.load_group(c, gid, keys), "load nodes")
-            features = enc.encode(profile, group)
             timings["load_s"] = round(time.monotonic() - t0, 3)
+            t_encode = time.monotonic()
+            features = enc.encode(profile, group)
+            timings["encode_s"] = round(time.monotonic() - t_encode, 3)
             cycle_inputs = cycles.inputs(opts, group)
             fp = cycles.fingerprint(cycle_inputs)
             resume, stale = session.run(lambda c: cycles.choose(c, gid, fp, opts.cycle_id), "choose cycle")
@@ -231,10 +245,12 @@ def _run_group_with_retries(session, db, opts, gid, did) -> GroupResult:
             try:
                 session.run(lambda c: cycles.started(c, gid, did, cycle_id, fp, cycle_inputs), "start cycle")
                 stats: dict = {}
-                edges, empty = _run_group(session, db, opts, group, features, cycle_id, stats, dict(timings))
+                attempt_timings = dict(timings)  # per stage, in seconds (README "Where a cycle's time goes")
+                edges, empty = _run_group(session, db, opts, group, features, cycle_id, stats, attempt_timings)
                 status = "SKIPPED" if empty else "COMPLETED"
                 return GroupResult(gid, status, cycle_id, len(group), edges, time.monotonic() - t_attempt,
                                    error=empty, empty=bool(empty), quality=stats.get("quality"),
+                                   timings=attempt_timings,
                                    graph_build_s=stats.get("graph_build_s"),
                                    block_seconds=stats.get("block_seconds", []))
             except MtoolError as exc:
@@ -296,9 +312,10 @@ def _run_group(session, db, opts, group, features, cycle_id, stats: dict, timing
                             stats["widen_to"], extra={"group_id": gid, "cycle_id": cycle_id})
                 floor = stats["widen_to"]
                 continue  # the finally below stops this pass's writer; its load table is made anew
-            for key in ("calibration_s", "check_s"):
-                timings[key] = round(stats.get(key, 0.0), 3)
-            timings["match_s"] = round(time.monotonic() - t, 3)
+            for key, name in (("graph_build_s", "lists_s"), ("calibration_s", "calibration_s"),
+                              ("search_s", "search_s"), ("rescore_s", "rescore_s"), ("check_s", "check_s")):
+                timings[name] = round(stats.get(key, 0.0), 3)
+            timings["match_s"] = round(time.monotonic() - t, 3)  # compute: the stages above and the vectors
             t = time.monotonic()
             if opts.output:
                 edges = int(np.count_nonzero(neighbors >= 0))
@@ -309,6 +326,7 @@ def _run_group(session, db, opts, group, features, cycle_id, stats: dict, timing
             else:
                 edges = writer.finish()
                 writer = None
+                timings["write_s"] = round(time.monotonic() - t, 3)  # the COPY's tail after the last block
                 if edges or opts.allow_empty:
                     db.retry(lambda: swap_cycle(db, group, cycle_id, load, edges, timings, quality), "commit cycle")
                 else:
@@ -322,7 +340,8 @@ def _run_group(session, db, opts, group, features, cycle_id, stats: dict, timing
     if not edges and not opts.allow_empty:
         return _skip(session, gid, cycle_id, n, "no pair of nodes could be compared: every pair lacks a common key "
                      "or is excluded by a required key", timings)
-    timings["write_s"] = round(time.monotonic() - t, 3)
+    if opts.output:
+        timings["write_s"] = round(time.monotonic() - t, 3)
     if quality["warning"]:
         log.warning("group %s: %s", gid, quality["warning"], extra={"group_id": gid, "cycle_id": cycle_id})
     log.info("group %s: %d nodes, %d edges, recall estimate %.4f (95%% lower bound %.4f, target %s), cycle %s (%s)",
@@ -621,9 +640,11 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         does not change the result. Returns each block's seconds (the batch's time shared out)."""
         t_batch = time.monotonic()
         found = search(span(batch[0])[0], span(batch[-1])[1])
+        t_found = time.monotonic()
         batch = [b for b in batch if b in todo_set]  # resuming: the batch is searched whole, as before
         for b in batch:
             stage_block(b, found)
+        thread_seconds.append((t_found - t_batch, time.monotonic() - t_found))
         return [(time.monotonic() - t_batch) / len(batch)] * len(batch)
 
     neighbors = scores = None
@@ -642,6 +663,8 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     threads = 1 if xp is not np else max(1, opts.threads or os.cpu_count() or 1)
     batches = [batch for batch in _batches(len(blocks), block) if todo_set.intersection(batch)]
     seconds = stats.setdefault("block_seconds", [])
+    thread_seconds = []  # (search, rescoring) seconds of each batch, on its thread
+    t_blocks = time.monotonic()
     if xp is not np:
         for batch in batches:
             seconds.extend(run_batch(batch))
@@ -649,6 +672,13 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         with compute_pool(threads) as pool:
             for done in pool.map(run_batch, batches):
                 seconds.extend(done)
+    # The blocks' wall time shared out by their threads' seconds: search and rescoring overlap
+    # on the compute threads, so each stage's share of the wall time is what a reader can add up.
+    blocks_s = time.monotonic() - t_blocks
+    searched, rescored = (sum(x) for x in zip(*thread_seconds)) if thread_seconds else (0.0, 0.0)
+    share = blocks_s / (searched + rescored) if searched + rescored else 0.0
+    stats["search_s"] = stats.get("search_s", 0.0) + searched * share
+    stats["rescore_s"] = stats.get("rescore_s", 0.0) + rescored * share
     if neighbors is not None:
         for start, stop in map(span, finished):  # blocks of a killed run: from the staging arrays
             neighbors[order[start:stop]] = staged_nb[start:stop]
@@ -759,10 +789,14 @@ def _drop_load_table(db: Database, load: str) -> None:
 def swap_cycle(db: Database, group, cycle_id: str, load: str, edges: int, timings, quality: dict) -> None:
     """The loaded edges replace the group's partition, with the cycle's row, in one transaction."""
     with db.connect(autocommit=True) as conn:
+        t = time.monotonic()
         pm.prepare_for_swap(conn, group.group_id, load, include_existing=False)
+        timings["key_s"] = round(time.monotonic() - t, 3)
         faults.crash_point("match-before-swap")
+        t = time.monotonic()
         with conn.transaction():
             pm.swap_in(conn, group.group_id, load)
+            timings["swap_s"] = round(time.monotonic() - t, 3)  # recorded with the cycle: up to its row
             cycles.completed(conn, group.group_id, cycle_id, len(group), edges, timings, group, quality)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mtool.io import sources
-from mtool.errors import InvalidInput, UsageError
+from mtool.errors import InvalidInput, MtoolError, UsageError
 
 log = logging.getLogger(__name__)
 NODE_COLUMNS = ("reference_id", "group_id", "domain_id", "type", "embedding", "metadata")
@@ -289,7 +289,10 @@ def _merge(conn) -> None:
                  "metadata, embedding FROM nodes_staging ORDER BY group_id, reference_id, seq DESC "
                  "ON CONFLICT (group_id, reference_id) DO UPDATE SET domain_id = EXCLUDED.domain_id, "
                  "type = EXCLUDED.type, metadata = EXCLUDED.metadata, embedding = EXCLUDED.embedding, "
-                 "updated_at = now()")
+                 "updated_at = now() WHERE (nodes.domain_id, nodes.type, nodes.metadata, nodes.embedding) IS DISTINCT "
+                 "FROM (EXCLUDED.domain_id, EXCLUDED.type, EXCLUDED.metadata, EXCLUDED.embedding)")
+    # (a row that is already as imported is not updated: the group's node version stays, and
+    # `mtool match` can tell that nothing changed)
 
 
 # -- loading a group ------------------------------------------------------------------------
@@ -304,6 +307,7 @@ class GroupNodes:
     metadata: dict  # key -> list of str | None, for the profile's keys (and the partition key)
     embedding: np.ndarray | None  # (N, D) float32, NaN rows where a node has none
     digest: str = ""  # of the loaded data (load_group): the node part of a cycle's fingerprint
+    version: int | None = None  # the group's node version when it was loaded (node_version)
 
     def __len__(self) -> int:
         return len(self.reference_ids)
@@ -326,49 +330,94 @@ def list_groups(conn, domain_ids=(), group_ids=()) -> list[tuple[str, str, int]]
 
 
 def load_group(conn, group_id: str, keys) -> GroupNodes:
-    """The group's nodes in one COPY ... TO STDOUT (CSV) parsed by Arrow's C++ reader: 10x
-    faster than iterating a cursor row by row in Python (8.5 s for 200k nodes)."""
+    """The group's nodes, read in one snapshot (REPEATABLE READ) with their node version: ids
+    and the profile's keys in one COPY (CSV) parsed by Arrow's C++ reader; embeddings in a
+    second, binary COPY streamed into the (N, D) float32 array (_read_embeddings). Formatting
+    embeddings as text had cost the server most of the load (7.5 s of 200k nodes' 64 floats),
+    and holding their text, its Arrow copy and the array at once most of the peak memory."""
     import io
 
     import pyarrow as pa
     from pyarrow import csv
 
     keys = list(dict.fromkeys(keys))
-    cols = ", ".join(["reference_id", "domain_id::text"] + ["metadata->>%s" for _ in keys] +
-                     ["array_to_string(embedding, ' ')"])
-    buffer = io.BytesIO()
-    with conn.cursor() as cur:
-        with cur.copy(f"COPY (SELECT {cols} FROM nodes WHERE group_id = %s ORDER BY reference_id) TO STDOUT "
-                      "(FORMAT csv)", [*keys, group_id]) as cp:
-            for data in cp:
-                buffer.write(data)
-    names = ["reference_id", "domain_id"] + [f"k{i}" for i in range(len(keys))] + ["embedding"]
-    # What the cycle computes from, byte for byte (ids, the profile's keys, embeddings): its
-    # digest is the node part of the cycle's fingerprint (mtool/match/cycles.py).
-    digest = hashlib.blake2b(buffer.getbuffer(), digest_size=16).hexdigest()
+    digest = hashlib.blake2b(digest_size=16)
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        version = node_version(conn, group_id)
+        head = conn.execute("SELECT count(*), min(domain_id::text), max(array_length(embedding, 1)) FROM nodes "
+                            "WHERE group_id = %s", (group_id,)).fetchone()
+        n, domain, dims = head[0], head[1] or "", head[2]
+        cols = ", ".join(["reference_id"] + ["metadata->>%s" for _ in keys])
+        buffer = io.BytesIO()
+        with conn.cursor() as cur:
+            with cur.copy(f"COPY (SELECT {cols} FROM nodes WHERE group_id = %s ORDER BY reference_id) TO STDOUT "
+                          "(FORMAT csv)", [*keys, group_id]) as cp:
+                for data in cp:
+                    buffer.write(data)
+            digest.update(buffer.getbuffer())
+            embedding = _read_embeddings(cur, group_id, n, dims, digest) if dims else None
+    names = ["reference_id"] + [f"k{i}" for i in range(len(keys))]
     buffer.seek(0)
     table = csv.read_csv(
         buffer, read_options=csv.ReadOptions(column_names=names),
         convert_options=csv.ConvertOptions(column_types={c: pa.string() for c in names}, null_values=[""],
                                            strings_can_be_null=True, quoted_strings_can_be_null=False))
+    del buffer
     refs = table.column("reference_id").to_pylist()
-    domains = table.column("domain_id")
     values = {k: table.column(f"k{i}").to_pylist() for i, k in enumerate(keys)}
-    embedding = _parse_embeddings(table.column("embedding").combine_chunks())
-    return GroupNodes(group_id, domains[0].as_py() if len(domains) else "", refs, values, embedding, digest)
+    # What the cycle computes from, byte for byte (ids, the profile's keys, embeddings): its
+    # digest is the node part of the cycle's fingerprint (mtool/match/cycles.py).
+    return GroupNodes(group_id, domain, refs, values, embedding, digest.hexdigest(), version)
 
 
-def _parse_embeddings(texts) -> np.ndarray | None:
-    """Space-separated floats (an Arrow string array, null where a node has none) -> (N, D)
-    float32 with NaN rows for the missing ones."""
-    import pyarrow.compute as pc
+def node_version(conn, group_id: str) -> int | None:
+    """The group's node version (migration 0004: set anew by every statement that changes its
+    nodes), None for a group without nodes."""
+    row = conn.execute("SELECT version FROM node_versions WHERE group_id = %s", (group_id,)).fetchone()
+    return row[0] if row else None
 
-    present = np.asarray(texts.is_valid())
-    if not present.any():
-        return None
-    parts = pc.split_pattern(texts.filter(texts.is_valid()), " ")
-    flat = pc.cast(pc.list_flatten(parts), "float32").to_numpy(zero_copy_only=False)
-    dim = len(parts[0])
-    out = np.full((len(texts), dim), np.nan, np.float32)
-    out[present] = flat.reshape(-1, dim)
+
+EMBEDDING_READ_BYTES = 8 << 20  # binary COPY data parsed at once
+
+
+def _read_embeddings(cur, group_id: str, n: int, dims: int, digest) -> np.ndarray:
+    """The group's embeddings by reference_id, NaN rows where a node has none: a binary COPY of
+    one float4[] per row, every row padded to `dims` NaNs where null, so that each row has the
+    same size and a slice of rows is read with one NumPy view (no per-row Python). A row of
+    another length or with a null element (written around `mtool nodes import`) is an error."""
+    import struct
+
+    row_bytes = 2 + 4 + 20 + 8 * dims  # field count, length, array header, (length, value) per element
+    head = struct.pack("!hiiiIii", 1, 20 + 8 * dims, 1, 0, FLOAT4_OID, dims, 1)
+    out = np.empty((n, dims), np.float32)
+    pending = bytearray()
+    at = 0
+    signature = 19  # the binary COPY header: signature, flags, extension length
+
+    def parse(data) -> int:
+        rows = np.frombuffer(data, np.uint8).reshape(-1, row_bytes)
+        if rows.shape[0] + at > n or not (rows[:, :26] == np.frombuffer(head, np.uint8)).all() or \
+                not (rows[:, 26:].view(">i4")[:, 0::2] == 4).all():
+            raise InvalidInput(f"group {group_id}: a node's embedding has another length than {dims} or a null "
+                               "value", hint="every node of a group needs an embedding of the same length, or none")
+        out[at:at + len(rows)] = rows[:, 26:].view(">f4")[:, 1::2]
+        return len(rows)
+
+    with cur.copy("COPY (SELECT coalesce(embedding, array_fill('NaN'::real, ARRAY[%s])) FROM nodes WHERE "
+                  "group_id = %s ORDER BY reference_id) TO STDOUT (FORMAT binary)", [dims, group_id]) as cp:
+        for data in cp:
+            digest.update(data)
+            pending += data
+            if len(pending) >= EMBEDDING_READ_BYTES + signature:
+                usable = (len(pending) - signature) // row_bytes * row_bytes
+                at += parse(memoryview(pending)[signature:signature + usable])
+                del pending[signature:signature + usable]
+    body = memoryview(pending)[signature:len(pending) - 2]  # the trailer: -1 as int16
+    if len(body) % row_bytes:
+        raise InvalidInput(f"group {group_id}: nodes' embeddings have different lengths",
+                           hint="every node of a group needs an embedding of the same length, or none")
+    at += parse(body)
+    if at != n:
+        raise MtoolError(f"group {group_id}: read {at} embeddings of {n} nodes")
     return out

@@ -84,7 +84,7 @@ def test_new_cycle_replaces_the_old_and_readers_never_see_two(dsn, files):
     thread.start()
     try:
         for _ in range(2):
-            run_mtool(["match", "--profile", prof], dsn, check_rc=0)
+            run_mtool(["match", "--profile", prof, "--force"], dsn, check_rc=0)
     finally:
         stop.set()
         thread.join()
@@ -194,7 +194,7 @@ def test_killed_approximate_run_resumes_to_the_uninterrupted_result(dsn, files):
     process): killed after some blocks, resumed, it ends with exactly the uninterrupted rows."""
     rows = make_nodes(6_000, group(9), DOMAIN, seed=9)
     run_mtool(["nodes", "import", nodes_file(files, rows)], dsn, check_rc=0)
-    args = ["match", "--profile", profile_file(files), "--block-rows", "1000"]
+    args = ["match", "--profile", profile_file(files), "--block-rows", "1000", "--force"]
     proc = run_mtool(args, dsn, check_rc=0)
     assert f"progress: 1000/{len(rows)} nodes" in proc.stderr  # progress within the group, block by block
     uninterrupted, first_cycle = stored_matches(dsn, group(9))
@@ -261,3 +261,40 @@ def test_nodes_import_past_max_rejects_writes_nothing_and_last_duplicate_wins(ds
     with psycopg.connect(dsn) as conn:
         stored = dict(conn.execute("SELECT reference_id, metadata->>'v' FROM nodes WHERE group_id = %s", [g]).fetchall())
     assert stored == {"n0": "last", "n1": "1", "n2": "2"}
+
+
+def test_unchanged_group_does_no_work_until_its_nodes_profile_or_options_change(dsn, files):
+    g = group(15)
+    rows = make_nodes(300, g, DOMAIN, seed=15)
+    nodes = nodes_file(files, rows)
+    prof = profile_file(files)
+    run_mtool(["nodes", "import", nodes], dsn, check_rc=0)
+    first = json.loads(run_mtool(["match", "--profile", prof, "--json"], dsn, check_rc=0).stdout)["groups"][0]
+    stages = ("load_s", "encode_s", "match_s", "write_s", "key_s", "swap_s")
+    assert first["status"] == "COMPLETED" and all(first["timings"][s] >= 0 for s in stages)
+    with psycopg.connect(dsn) as conn:
+        recorded = conn.execute("SELECT timings FROM match_cycles WHERE cycle_id = %s", (first["cycle_id"],)).fetchone()
+    assert set(stages) <= set(recorded[0])
+    matches_before = stored_matches(dsn, g)
+
+    def run(*extra):
+        proc = run_mtool(["match", "--profile", prof, "--json", *extra], dsn, check_rc=0)
+        return json.loads(proc.stdout)["groups"][0], proc
+
+    again, proc = run()  # nothing changed: no work, no new cycle, the matches stay
+    assert again["status"] == "UNCHANGED" and again["cycle_id"] == first["cycle_id"]
+    assert "unchanged since cycle" in proc.stderr and "--force" in again["error"]
+    run_mtool(["nodes", "import", nodes], dsn, check_rc=0)  # the same rows again: still unchanged
+    assert run()[0]["status"] == "UNCHANGED"
+    assert run("--k", "7")[0]["status"] == "COMPLETED"  # another option: computed
+    assert run("--k", "7")[0]["status"] == "UNCHANGED"
+    forced = run("--k", "7", "--force")[0]
+    assert forced["status"] == "COMPLETED" and forced["cycle_id"] != first["cycle_id"]
+    with psycopg.connect(dsn) as conn:  # a node changed by plain SQL counts as a change
+        conn.execute("UPDATE nodes SET metadata = metadata || '{\"city\": \"elsewhere\"}' WHERE group_id = %s AND "
+                     "reference_id = 'n00003'", (g,))
+    changed = run("--k", "7")[0]
+    assert changed["status"] == "COMPLETED"
+    with psycopg.connect(dsn) as conn:
+        statuses = [s for s, in conn.execute("SELECT status FROM match_cycles WHERE group_id = %s", (g,))]
+    assert sorted(statuses) == ["COMPLETED"] * 4 and stored_matches(dsn, g) != matches_before

@@ -112,7 +112,7 @@ def test_a_failed_cycle_is_followed_by_good_runs(dsn, files):
         conn.execute("UPDATE nodes SET embedding = %s WHERE group_id = %s AND reference_id = 'n00007'",
                      (rows[7]["embedding"], g))
     for _ in range(2):
-        run_mtool(["match", "--profile", profile_file(files)], dsn, check_rc=0)
+        run_mtool(["match", "--profile", profile_file(files), "--force"], dsn, check_rc=0)
         got, cycle_ids = stored_matches(dsn, g)
         assert_same(got, brute_force(PROFILE, rows)) and len(cycle_ids) == 1
     assert [s for _, s, _, _ in cycles_of(dsn, g)] == ["FAILED", "COMPLETED", "COMPLETED"]
