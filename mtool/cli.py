@@ -494,6 +494,9 @@ def jobs_retry(obj, job_id, workers, as_json):
         job = repo.get(conn, _uuid_arg(job_id))
     if job is None:
         raise InputNotFound(f"no import job {job_id}", hint="see `mtool jobs list`")
+    if job.mode == "nodes":
+        raise UsageError(f"job {job_id} is a nodes import", hint="run the same `mtool nodes import` command again: "
+                         "it resumes the job")
     o = job.options
     opts = ingest_mod.IngestOptions(
         uris=tuple(o.get("uris") or job.source_uris), group_id=job.group_id, domain_id=job.domain_id,
@@ -542,22 +545,32 @@ def nodes():
 @opt("--max-rejects", type=click.IntRange(0), default=1000, show_default=True,
      help="Fail (exit 65), writing nothing, when more rows than this are rejected.")
 @opt("--rejects-file", type=click.Path(dir_okay=False),
-     help="Where rejected rows go (JSON lines). Default: MTOOL_HOME/rejects/nodes-ID.jsonl.")
+     help="Where rejected rows go (JSON lines). Default: MTOOL_HOME/rejects/nodes-JOB.jsonl.")
+@opt("--batch-rows", type=click.IntRange(1000), default=100_000, show_default=True,
+     help="Rows per committed batch: the unit of resume (a resumed job keeps its own).")
 @opt("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @click.pass_obj
-def nodes_import(obj, uris, group_id, domain_id, mapping, max_rejects, rejects_file, as_json):
+def nodes_import(obj, uris, group_id, domain_id, mapping, max_rejects, rejects_file, batch_rows, as_json):
     """Upsert nodes from Parquet files (path, directory, glob, http(s), s3) into `nodes`.
 
     Columns: reference_id, group_id, domain_id, optional type and embedding (list of floats),
     and metadata as a `metadata` column (map or JSON object string) or every other column.
+    An import is a job (see `mtool jobs list`): killed, the same command resumes it after its
+    last committed batch; files a COMPLETED job imported already are not read again. Its rows
+    reach `nodes` in one transaction at the end, none of them past --max-rejects.
     """
+    from mtool.config import state_dir
     from mtool.ingest import contract
-    from mtool.match import nodes as node_mod
+    from mtool.match import node_import
 
     pairs = contract.parse_mapping(mapping, contract=False)  # a usage error before any database work
-    result = node_mod.import_nodes(obj.database(), uris, group_id, domain_id, pairs, max_rejects, rejects_file)
+    result = node_import.import_nodes(obj.database(), uris, group_id, domain_id, pairs, max_rejects, rejects_file,
+                                      state_dir(), batch_rows)
     if as_json:
         click.echo(json.dumps(result.to_json()))
+    elif result.already_imported:
+        click.echo(f"already imported by job {result.job_id}: {result.imported} nodes from {result.files} file(s); "
+                   "nothing to do")
     else:
         click.echo(f"{result.imported} nodes imported from {result.files} file(s), {result.rejected} rejected"
                    + (f" (see {result.rejects_file})" if result.rejects_file else ""))

@@ -1,0 +1,108 @@
+"""`mtool nodes import` as a job: killed imports resume to exactly the nodes of an uninterrupted
+one, files already imported do no work, metadata columns are encoded as Python's json would."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import psycopg
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import run_mtool
+
+pytestmark = pytest.mark.postgres
+DOMAIN = "dddddddd-0000-4000-8000-00000000000e"
+
+
+def group(i):
+    return f"cccccccc-0000-4000-8000-{i:012d}"
+
+
+def node_files(tmp, g, n=4500, seed=5):
+    """Two files, metadata as columns (strings with characters JSON escapes, integers, nulls),
+    embeddings with some nulls; the second file repeats 300 keys of the first with other values
+    (the last row read must win)."""
+    rng = random.Random(seed)
+    cities = ["Berlin", 'Quote"d', "back\\slash", "new\nline", "Zürich", ""]
+
+    def rows(ids, tag):
+        return {"reference_id": [f"n{i:05d}" for i in ids], "group_id": [g] * len(ids),
+                "domain_id": [DOMAIN] * len(ids),
+                "city": [rng.choice(cities) if rng.random() < 0.9 else None for _ in ids],
+                "age": pa.array([rng.randint(18, 70) if rng.random() < 0.9 else None for _ in ids], pa.int32()),
+                "tag": [tag] * len(ids),
+                "embedding": pa.array([[rng.gauss(0, 1) for _ in range(8)] if rng.random() < 0.95 else None
+                                       for _ in ids], pa.list_(pa.float32()))}
+    first, second = tmp / f"{g}-a.parquet", tmp / f"{g}-b.parquet"
+    pq.write_table(pa.table(rows(range(n), "first")), first, row_group_size=1700)
+    pq.write_table(pa.table(rows(range(n - 300, n + 500), "second")), second)
+    return [str(first), str(second)]
+
+
+def expected_nodes(paths):
+    """What the files say, key by key, the last row read winning."""
+    out = {}
+    for path in paths:
+        for rec in pq.read_table(path).to_pylist():
+            meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in rec.items()
+                    if k not in ("reference_id", "group_id", "domain_id", "embedding") and v is not None}
+            out[rec["reference_id"]] = (meta, None if rec["embedding"] is None else np.float32(rec["embedding"]))
+    return out
+
+
+def stored_nodes(dsn, g):
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT reference_id, metadata, embedding FROM nodes WHERE group_id = %s", (g,)).fetchall()
+    return {ref: (meta, None if emb is None else np.float32(emb)) for ref, meta, emb in rows}
+
+
+def assert_nodes(got, expected):
+    assert set(got) == set(expected)
+    for ref, (meta, emb) in expected.items():
+        assert got[ref][0] == meta, ref
+        assert (got[ref][1] is None and emb is None) or np.array_equal(got[ref][1], emb), ref
+
+
+def job_rows(dsn, g):
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT job_id, status, mode FROM import_jobs WHERE group_id = %s OR "
+                            "source_uris[1] LIKE %s", (g, f"%{g}%")).fetchall()
+
+
+def test_nodes_import_matches_the_files_and_a_second_run_does_no_work(dsn, tmp_path):
+    g = group(1)
+    paths = node_files(tmp_path, g)
+    out = json.loads(run_mtool(["nodes", "import", *paths, "--batch-rows", "1000", "--json"], dsn,
+                               check_rc=0).stdout)
+    assert out["imported"] == 4500 + 800 and out["rejected"] == 0 and not out["already_imported"]
+    assert_nodes(stored_nodes(dsn, g), expected_nodes(paths))
+    with psycopg.connect(dsn) as conn:
+        version = conn.execute("SELECT version FROM node_versions WHERE group_id = %s", (g,)).fetchone()[0]
+    again = run_mtool(["nodes", "import", *paths, "--batch-rows", "1000"], dsn, check_rc=0)
+    assert "already imported by job " + out["job_id"] in again.stdout
+    with psycopg.connect(dsn) as conn:  # no work: the nodes' version did not move
+        assert conn.execute("SELECT version FROM node_versions WHERE group_id = %s", (g,)).fetchone()[0] == version
+    assert [(s, m) for _, s, m in job_rows(dsn, g)] == [("COMPLETED", "nodes")]
+
+
+@pytest.mark.parametrize("crash_at", ["nodes-batch-committed:3", "nodes-before-commit", "nodes-commit"])
+def test_killed_nodes_import_resumes_to_the_uninterrupted_nodes(dsn, tmp_path, crash_at):
+    g = group(10 + ["nodes-batch-committed:3", "nodes-before-commit", "nodes-commit"].index(crash_at))
+    paths = node_files(tmp_path, g, seed=11)
+    args = ["nodes", "import", *paths, "--batch-rows", "1000"]
+    assert run_mtool(args, dsn, env={"MTOOL_CRASH_AT": crash_at}).returncode == -9
+    assert stored_nodes(dsn, g) == {}  # nothing reaches `nodes` before the job's commit
+    assert [s for _, s, _ in job_rows(dsn, g)] == ["PROCESSING"]
+    run_mtool(args, dsn, check_rc=0)  # the same command resumes the job
+    assert_nodes(stored_nodes(dsn, g), expected_nodes(paths))
+    (job_id, status, _), = job_rows(dsn, g)
+    with psycopg.connect(dsn) as conn:
+        batches = conn.execute("SELECT count(*) FROM import_checkpoints WHERE job_id = %s", (job_id,)).fetchone()[0]
+        leftover = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'mtool_stage' AND tablename = %s",
+                                ("n_" + job_id.hex,)).fetchone()[0]
+    # 4,500 rows (row groups of 1,700) read in batches of 1,000, then 800 rows: each batch once
+    assert status == "COMPLETED" and batches == 5 + 1 and leftover == 0
