@@ -39,7 +39,7 @@ def _write_nodes(path: str) -> None:
 def run(db: Database, rows: int, state_dir: str) -> dict:
     from mtool.device import Device
     from mtool.match import engine, population
-    from mtool.match import nodes as node_mod
+    from mtool.match import node_import
     from mtool.match import profile as prof
 
     folder = os.path.join(state_dir, "demo")
@@ -47,9 +47,9 @@ def run(db: Database, rows: int, state_dir: str) -> dict:
     nodes_path = os.path.join(folder, "sample-nodes.parquet")
     if not os.path.exists(nodes_path):
         _write_nodes(nodes_path)
-    node_mod.import_nodes(db, [nodes_path])
+    node_import.import_nodes(db, [nodes_path], state_dir=state_dir)
     profile = prof.parse({**population.PROFILE, "k": 10}, "demo profile")
-    summary = engine.run(db, engine.MatchOptions(profile, Device.CPU, group_ids=(MATCH_GROUP,),
+    summary = engine.run(db, engine.MatchOptions(profile, Device.CPU, group_ids=(MATCH_GROUP,), force=True,
                                                  staging_dir=os.path.join(state_dir, "staging")))
     matches_path = os.path.join(folder, f"sample-matches-{rows}.parquet")
     if not os.path.exists(matches_path):
