@@ -152,36 +152,66 @@ class _Run:
         self.dims = None
 
     def load(self, total: int) -> tuple[int, int]:
-        """Every batch not committed yet; returns (rows loaded, rows rejected) of the whole job."""
+        """Every batch not committed yet; returns (rows loaded, rows rejected) of the whole job.
+        Batches are encoded on a thread while the previous one is COPYed (Arrow and NumPy
+        release the GIL; the server works on the COPY meanwhile)."""
         job_id = self.job.job_id
         self.session.run(lambda c: (jobs.start(c, job_id, total), c.execute(
-            f"CREATE TABLE IF NOT EXISTS {self.table} (LIKE nodes INCLUDING DEFAULTS, seq bigint NOT NULL)")),
+            f"CREATE UNLOGGED TABLE IF NOT EXISTS {self.table} (LIKE nodes INCLUDING DEFAULTS, seq bigint NOT NULL)")),
             "start job")
-        done = self.session.run(lambda c: jobs.done_chunks(c, job_id), "read checkpoint")
-        with self.db.connect() as conn:
-            self.dims = _GroupDims(conn, self.table)
-            for fi, src in enumerate(self.srcs):
-                pf = sources.open_parquet(src)
-                read = mismatched = first_row = 0
-                try:
-                    for bi, batch in enumerate(pf.iter_batches(batch_size=self.batch_rows)):
-                        if (fi, 0, bi) not in done:
-                            batch = batch.rename_columns([self.renamed.get(n, n) for n in batch.schema.names])
-                            payload, good, rejects = encode_batch(batch, src.uri, first_row, self.group_id,
-                                                                  self.domain_id, self.dims, (fi << 40) + first_row)
-                            self._commit_batch(conn, fi, bi, payload, good, rejects)
-                            read += batch.num_rows
-                            mismatched += sum(r.get("kind") == "embedding length" for r in rejects)
-                            faults.crash_point("nodes-batch-committed")
-                        first_row += batch.num_rows
-                finally:
-                    pf.close(force=True)
-                self.mismatched[fi] = (read, mismatched)
+        done = self.session.run(self._checked_checkpoint, "read checkpoint")
+        with self.db.connect() as conn, self.db.connect(autocommit=True) as lookup:
+            self.dims = _GroupDims(lookup, self.table)
+            for fi, bi, rows, encoded in _prefetched(self._encoded(done)):
+                if encoded is not None:
+                    payload, good, rejects = encoded
+                    self._commit_batch(conn, fi, bi, payload, good, rejects)
+                    read, mismatched = self.mismatched.get(fi, (0, 0))
+                    self.mismatched[fi] = (read + rows, mismatched + sum(r.get("kind") == "embedding length"
+                                                                         for r in rejects))
+                    faults.crash_point("nodes-batch-committed")
             _, rejected = jobs.record_progress(conn, job_id)
             loaded = conn.execute("SELECT coalesce(sum(rows_loaded), 0) FROM import_checkpoints WHERE job_id = %s",
                                   (job_id,)).fetchone()[0]
             conn.commit()
         return int(loaded), int(rejected)
+
+    def _encoded(self, done: set):
+        """(file index, batch number, rows, (payload, good rows, rejects) or None when committed before)."""
+        for fi, src in enumerate(self.srcs):
+            pf = sources.open_parquet(src)
+            first_row = 0
+            try:
+                for bi, batch in enumerate(pf.iter_batches(batch_size=self.batch_rows)):
+                    encoded = None
+                    if (fi, 0, bi) not in done:
+                        batch = batch.rename_columns([self.renamed.get(n, n) for n in batch.schema.names])
+                        encoded = encode_batch(batch, src.uri, first_row, self.group_id, self.domain_id, self.dims,
+                                               (fi << 40) + first_row)
+                    yield fi, bi, batch.num_rows, encoded
+                    first_row += batch.num_rows
+            finally:
+                pf.close(force=True)
+
+    def _checked_checkpoint(self, conn) -> set:
+        """The committed batches, when the load table still holds their rows. It is UNLOGGED
+        (its rows are written once, not also to the WAL): a server crash empties it, and then
+        the job starts over from its first batch."""
+        done = jobs.done_chunks(conn, self.job.job_id)
+        if done:
+            held = conn.execute(f"SELECT count(*) FROM {self.table}").fetchone()[0]
+            loaded = conn.execute("SELECT coalesce(sum(rows_loaded), 0) FROM import_checkpoints WHERE job_id = %s",
+                                  (self.job.job_id,)).fetchone()[0]
+            if held != loaded:
+                log.warning("nodes import job %s: its load table holds %d of the %d rows its checkpoint counts (a "
+                            "server restart empties it): starting over", self.job.job_id, held, loaded,
+                            extra={"job_id": self.job.job_id})
+                with conn.transaction():
+                    conn.execute(f"TRUNCATE {self.table}")
+                    conn.execute("DELETE FROM import_checkpoints WHERE job_id = %s", (self.job.job_id,))
+                    conn.execute("DELETE FROM import_rejects WHERE job_id = %s", (self.job.job_id,))
+                done = set()
+        return done
 
     def _commit_batch(self, conn, fi, bi, payload, good: int, rejects: list) -> None:
         with conn.transaction(), conn.cursor() as cur:
@@ -214,22 +244,60 @@ class _Run:
             # An UPDATE of the keys that exist and a plain INSERT of the others: INSERT ... ON
             # CONFLICT inserted row by row speculatively (1.6 s of 200k new nodes). The groups'
             # locks keep another import from inserting the same keys in between.
-            for gid, in conn.execute(f"SELECT DISTINCT group_id FROM {self.table} ORDER BY 1").fetchall():
+            groups = [g for g, in conn.execute(f"SELECT DISTINCT group_id FROM {self.table} ORDER BY 1")]
+            for gid in groups:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key("nodes", str(gid)),))
-            conn.execute(
-                f"UPDATE nodes n SET domain_id = l.domain_id, type = l.type, metadata = l.metadata, "
-                f"embedding = l.embedding, updated_at = now() FROM {self.table} l WHERE n.group_id = l.group_id AND "
-                "n.reference_id = l.reference_id AND (n.domain_id, n.type, n.metadata, n.embedding) IS DISTINCT FROM "
-                "(l.domain_id, l.type, l.metadata, l.embedding)")
-            conn.execute(
-                "INSERT INTO nodes (domain_id, group_id, reference_id, type, metadata, embedding) "
-                f"SELECT domain_id, group_id, reference_id, type, metadata, embedding FROM {self.table} l "
-                "WHERE NOT EXISTS (SELECT 1 FROM nodes n WHERE n.group_id = l.group_id AND "
-                "n.reference_id = l.reference_id)")
+            insert = ("INSERT INTO nodes (domain_id, group_id, reference_id, type, metadata, embedding) "
+                      f"SELECT domain_id, group_id, reference_id, type, metadata, embedding FROM {self.table} l")
+            if conn.execute("SELECT EXISTS (SELECT 1 FROM nodes WHERE group_id = ANY(%s))", (groups,)).fetchone()[0]:
+                conn.execute(
+                    f"UPDATE nodes n SET domain_id = l.domain_id, type = l.type, metadata = l.metadata, "
+                    f"embedding = l.embedding, updated_at = now() FROM {self.table} l WHERE n.group_id = l.group_id "
+                    "AND n.reference_id = l.reference_id AND (n.domain_id, n.type, n.metadata, n.embedding) IS "
+                    "DISTINCT FROM (l.domain_id, l.type, l.metadata, l.embedding)")
+                insert += (" WHERE NOT EXISTS (SELECT 1 FROM nodes n WHERE n.group_id = l.group_id AND "
+                           "n.reference_id = l.reference_id)")
+            conn.execute(insert)  # new groups (the first import of a group): a plain INSERT
             faults.crash_point("nodes-commit")
             jobs.complete(conn, self.job.job_id, imported)
             _drop_load_table(conn, self.job.job_id)
             conn.commit()
+
+
+def _prefetched(items, depth: int = 2):
+    """`items` produced on a thread, up to `depth` ahead of the consumer; its error re-raised."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(end)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=produce, name="mtool-nodes-encode", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _write_rejects(session, job_id: str, path: str | None, state_dir: str | None) -> str:
