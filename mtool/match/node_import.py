@@ -78,7 +78,8 @@ def import_nodes(db: Database, uris, group_id=None, domain_id=None, mapping=(), 
         # a resumed job keeps its own batches: a checkpoint names a batch by its number
         run = _Run(db, session, job, srcs, renamed, group_id, domain_id, int(job.options.get("batch_rows", batch_rows)))
         try:
-            imported, rejected = run.load(sum(row_counts))
+            # a lost connection (a server restart) resumes from the checkpoint, within --db-retry-seconds
+            imported, rejected = db.retry(lambda: run.load(sum(row_counts)), "load nodes")
             rejects_path = _write_rejects(session, job.job_id, rejects_file, state_dir) if rejected else None
             if rejected > max_rejects:
                 first = session.run(lambda c: c.execute(

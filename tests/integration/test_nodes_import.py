@@ -106,3 +106,19 @@ def test_killed_nodes_import_resumes_to_the_uninterrupted_nodes(dsn, tmp_path, c
                                 ("n_" + job_id.hex,)).fetchone()[0]
     # 4,500 rows (row groups of 1,700) read in batches of 1,000, then 800 rows: each batch once
     assert status == "COMPLETED" and batches == 5 + 1 and leftover == 0
+
+
+def test_a_load_table_emptied_by_a_server_crash_makes_the_job_start_over(dsn, tmp_path):
+    """The load table is UNLOGGED: crash recovery empties it while the checkpoint (logged) stays.
+    The state after such a crash is made here with TRUNCATE; the resumed job must notice and
+    import every batch again, not complete with the batches the checkpoint claims."""
+    g = group(20)
+    paths = node_files(tmp_path, g, seed=21)
+    args = ["nodes", "import", *paths, "--batch-rows", "1000"]
+    assert run_mtool(args, dsn, env={"MTOOL_CRASH_AT": "nodes-batch-committed:4"}).returncode == -9
+    (job_id, _, _), = job_rows(dsn, g)
+    with psycopg.connect(dsn) as conn:
+        conn.execute(f"TRUNCATE mtool_stage.n_{job_id.hex}")
+    proc = run_mtool(args, dsn, check_rc=0)
+    assert "starting over" in proc.stderr
+    assert_nodes(stored_nodes(dsn, g), expected_nodes(paths))
