@@ -188,3 +188,40 @@ def _put_until_accepted(q, item, consumers) -> None:
             if not any(p.is_alive() for p in consumers):
                 raise WorkerFailed("every writer process has exited") from None
             time.sleep(0.05)
+
+
+def prefetched(items, depth: int = 2):
+    """`items` produced on a thread, up to `depth` ahead of the consumer; its error re-raised.
+    For an encoder (Arrow, NumPy: they release the GIL) feeding a COPY, so that the client
+    encodes the next payload while the server takes the current one."""
+    import threading
+
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(end)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=produce, name="mtool-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=1.0)  # a producer blocked on its own input is a daemon: it goes with the process

@@ -220,7 +220,7 @@ def _run_group_with_retries(session, db, opts, gid, did) -> GroupResult:
         profile = opts.profile
         keys = [s.name for s in profile.keys] + ([profile.partition.key] if profile.partition else [])
         try:
-            group = session.run(lambda c: node_repo.load_group(c, gid, keys), "load nodes")
+            group = session.run(lambda c: node_repo.load_group(c, gid, keys, db.connect), "load nodes")
             timings["load_s"] = round(time.monotonic() - t0, 3)
             t_encode = time.monotonic()
             features = enc.encode(profile, group)

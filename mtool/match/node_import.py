@@ -31,6 +31,7 @@ from mtool.db.connection import Database, Session, advisory_key
 from mtool.errors import InvalidInput, JobBusy, UsageError
 from mtool.io import copy as pgcopy
 from mtool.io import sources
+from mtool.io.pipeline import prefetched
 from mtool.match.nodes import FLOAT4_OID, MAX_ID_CHARS, NODE_COLUMNS, NodesResult
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ class _Run:
         done = self.session.run(self._checked_checkpoint, "read checkpoint")
         with self.db.connect() as conn, self.db.connect(autocommit=True) as lookup:
             self.dims = _GroupDims(lookup, self.table)
-            for fi, bi, rows, encoded in _prefetched(self._encoded(done)):
+            for fi, bi, rows, encoded in prefetched(self._encoded(done)):
                 if encoded is not None:
                     payload, good, rejects = encoded
                     self._commit_batch(conn, fi, bi, payload, good, rejects)
@@ -263,42 +264,6 @@ class _Run:
             jobs.complete(conn, self.job.job_id, imported)
             _drop_load_table(conn, self.job.job_id)
             conn.commit()
-
-
-def _prefetched(items, depth: int = 2):
-    """`items` produced on a thread, up to `depth` ahead of the consumer; its error re-raised."""
-    import queue
-    import threading
-
-    q: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
-    end = object()
-
-    def produce():
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(end)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            q.put(exc)
-
-    thread = threading.Thread(target=produce, name="mtool-nodes-encode", daemon=True)
-    thread.start()
-    try:
-        while (item := q.get()) is not end:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
 
 
 def _write_rejects(session, job_id: str, path: str | None, state_dir: str | None) -> str:

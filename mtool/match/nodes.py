@@ -82,13 +82,16 @@ def list_groups(conn, domain_ids=(), group_ids=()) -> list[tuple[str, str, int]]
     return [(str(g), str(d), n) for g, d, n in rows]
 
 
-def load_group(conn, group_id: str, keys) -> GroupNodes:
+def load_group(conn, group_id: str, keys, connect=None) -> GroupNodes:
     """The group's nodes, read in one snapshot (REPEATABLE READ) with their node version: ids
     and the profile's keys in one COPY (CSV) parsed by Arrow's C++ reader; embeddings in a
     second, binary COPY streamed into the (N, D) float32 array (_read_embeddings). Formatting
     embeddings as text had cost the server most of the load (7.5 s of 200k nodes' 64 floats),
-    and holding their text, its Arrow copy and the array at once most of the peak memory."""
+    and holding their text, its Arrow copy and the array at once most of the peak memory.
+    With `connect` (a new connection), the embeddings are read at the same time on a second
+    connection in the same snapshot (pg_export_snapshot): both COPYs keep a server process busy."""
     import io
+    from concurrent.futures import ThreadPoolExecutor
 
     import pyarrow as pa
     from pyarrow import csv
@@ -102,6 +105,13 @@ def load_group(conn, group_id: str, keys) -> GroupNodes:
                             "WHERE group_id = %s", (group_id,)).fetchone()
         n, domain, dims = head[0], head[1] or "", head[2]
         cols = ", ".join(["reference_id"] + ["metadata->>%s" for _ in keys])
+        emb_digest = hashlib.blake2b(digest_size=16)
+        embeddings = None
+        if dims and connect is not None:
+            snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
+            reader = ThreadPoolExecutor(1)
+            embeddings = reader.submit(_read_embeddings_in_snapshot, connect, snapshot, group_id, n, dims, emb_digest)
+            reader.shutdown(wait=False)
         buffer = io.BytesIO()
         with conn.cursor() as cur:
             with cur.copy(f"COPY (SELECT {cols} FROM nodes WHERE group_id = %s ORDER BY reference_id) TO STDOUT "
@@ -109,7 +119,11 @@ def load_group(conn, group_id: str, keys) -> GroupNodes:
                 for data in cp:
                     buffer.write(data)
             digest.update(buffer.getbuffer())
-            embedding = _read_embeddings(cur, group_id, n, dims, digest) if dims else None
+            if embeddings is not None:
+                embedding = embeddings.result()  # inside the exporting transaction: its snapshot stays valid
+            else:
+                embedding = _read_embeddings(cur, group_id, n, dims, emb_digest) if dims else None
+            digest.update(emb_digest.digest())
     names = ["reference_id"] + [f"k{i}" for i in range(len(keys))]
     buffer.seek(0)
     table = csv.read_csv(
@@ -132,6 +146,16 @@ def node_version(conn, group_id: str) -> int | None:
 
 
 EMBEDDING_READ_BYTES = 8 << 20  # binary COPY data parsed at once
+
+
+def _read_embeddings_in_snapshot(connect, snapshot: str, group_id, n, dims, digest) -> np.ndarray:
+    from psycopg import IsolationLevel, sql
+
+    with connect() as conn:
+        conn.isolation_level = IsolationLevel.REPEATABLE_READ
+        conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+        with conn.cursor() as cur:
+            return _read_embeddings(cur, group_id, n, dims, digest)
 
 
 def _read_embeddings(cur, group_id: str, n: int, dims: int, digest) -> np.ndarray:

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from mtool.db import matches as pm
-from mtool.io.pipeline import WorkerFailed, _worker_setup
+from mtool.io.pipeline import WorkerFailed, _worker_setup, prefetched
 
 POLL_SECONDS = 0.2
 
@@ -59,15 +59,21 @@ def writer_main(args: dict, block_q, result_q, parent_pid: int) -> None:
         block, stamp, edges = args["block_rows"], int(time.time() * 1_000_000), 0
         target = f"{pm.STAGE_SCHEMA}.{args['table']}"
         order = None
-        with args["db"].connect(autocommit=True) as conn, conn.cursor() as cur:
+        def payloads():
+            nonlocal order
             while (b := block_q.get()) is not None:
                 if order is None:  # the staging arrays exist once the first block is done
                     order = np.load(os.path.join(args["staging"], "order.npy"))
-                    staged_nb = zarr.open_array(os.path.join(args["staging"], "neighbors.zarr"), mode="r")
-                    staged_sc = zarr.open_array(os.path.join(args["staging"], "scores.zarr"), mode="r")
+                    staged = [zarr.open_array(os.path.join(args["staging"], name), mode="r")
+                              for name in ("neighbors.zarr", "scores.zarr")]
                 start, stop = b * block, min(len(order), (b + 1) * block)
-                payload, m = _edges_payload(args, order[start:stop], staged_nb[start:stop], staged_sc[start:stop],
-                                            start, stamp)
+                yield _edges_payload(args, order[start:stop], staged[0][start:stop], staged[1][start:stop], start,
+                                     stamp)
+
+        with args["db"].connect(autocommit=True) as conn, conn.cursor() as cur:
+            # the next block is read and encoded while the server takes this one's COPY: alternating,
+            # the writer and its server process had kept one core busy between them after the compute
+            for payload, m in prefetched(payloads(), depth=1):
                 pgcopy.copy_bytes(cur, target, load_rows.LOAD_COLUMNS, payload)
                 edges += m
         result_q.put(("done", edges))
