@@ -21,6 +21,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import numpy as np
 
@@ -300,7 +301,7 @@ def _run_group(session, db, opts, group, features, cycle_id, stats: dict, timing
         writer = load = None
         if not opts.output:  # edges stream into a fresh load table as blocks finish (mtool/match/writer.py)
             load = db.retry(lambda: open_load_table(db, gid, cycle_id), "create load table")
-            writer = EdgeWriter(db, load, group, cycle_id, staging, opts.block_rows)
+            writer = EdgeWriter(db, load, group, staging, opts.block_rows)
         try:
             neighbors, scores = stage_matches(opts, profile, group, features, staging, stats, floor=floor,
                                               on_block=writer.send if writer else None,
@@ -777,7 +778,7 @@ def open_load_table(db: Database, gid: str, cycle_id: str) -> str:
     load = cycles.load_table_name(gid, cycle_id)
     with db.connect(autocommit=True) as conn:
         conn.execute(f"DROP TABLE IF EXISTS {pm.STAGE_SCHEMA}.{load}")
-        pm.create_load_table(conn, load)
+        pm.create_edge_load_table(conn, load)
     return load
 
 
@@ -790,6 +791,7 @@ def swap_cycle(db: Database, group, cycle_id: str, load: str, edges: int, timing
     """The loaded edges replace the group's partition, with the cycle's row, in one transaction."""
     with db.connect(autocommit=True) as conn:
         t = time.monotonic()
+        pm.complete_edge_columns(conn, load, group.group_id, group.domain_id, cycle_id, datetime.now(timezone.utc))
         pm.prepare_for_swap(conn, group.group_id, load, include_existing=False)
         timings["key_s"] = round(time.monotonic() - t, 3)
         faults.crash_point("match-before-swap")

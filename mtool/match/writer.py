@@ -14,7 +14,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import time
 
 import numpy as np
 
@@ -33,16 +32,16 @@ def edge_columns(refs, rows, neighbors, scores):
     return refs.take(pa.array(rows[src])), refs.take(pa.array(neighbors[src, pos])), scores[src, pos]
 
 
-def _edges_payload(args, rows, neighbors, scores, start: int, stamp: int) -> tuple[bytes, int]:
-    from mtool.io import load_rows
+def _edges_payload(args, rows, neighbors, scores, start: int) -> tuple[bytes, int]:
+    """Binary COPY of a block's edges for the cycle's load table (matches.EDGE_LOAD_COLUMNS:
+    the columns that are one value for the whole cycle are added at its end)."""
+    from mtool.io import copy as pgcopy
 
     sources, targets, kept = edge_columns(args["refs"], rows, neighbors, scores)
     m = len(kept)
-    payload = load_rows.encode_load_rows(
-        start * neighbors.shape[1] + np.arange(m, dtype=np.int64),
-        args["group_id"], load_rows.uuid_matrix([args["domain_id"]]), args["cycle_id"], sources, targets, kept,
-        np.full(m, stamp, np.int64))
-    return payload, m
+    seq = start * neighbors.shape[1] + np.arange(m, dtype=np.int64)
+    fields = [pgcopy.fixed(seq, ">i8"), pgcopy.text(sources), pgcopy.text(targets), pgcopy.fixed(kept, ">f4")]
+    return pgcopy.encode_rows(fields, m), m
 
 
 def writer_main(args: dict, block_q, result_q, parent_pid: int) -> None:
@@ -52,11 +51,10 @@ def writer_main(args: dict, block_q, result_q, parent_pid: int) -> None:
         import pyarrow as pa
         import zarr
 
-        from mtool.io import load_rows
         from mtool.io import copy as pgcopy
 
         args = dict(args, refs=pa.array(args["reference_ids"], pa.string()))
-        block, stamp, edges = args["block_rows"], int(time.time() * 1_000_000), 0
+        block, edges = args["block_rows"], 0
         target = f"{pm.STAGE_SCHEMA}.{args['table']}"
         order = None
         def payloads():
@@ -67,14 +65,13 @@ def writer_main(args: dict, block_q, result_q, parent_pid: int) -> None:
                     staged = [zarr.open_array(os.path.join(args["staging"], name), mode="r")
                               for name in ("neighbors.zarr", "scores.zarr")]
                 start, stop = b * block, min(len(order), (b + 1) * block)
-                yield _edges_payload(args, order[start:stop], staged[0][start:stop], staged[1][start:stop], start,
-                                     stamp)
+                yield _edges_payload(args, order[start:stop], staged[0][start:stop], staged[1][start:stop], start)
 
         with args["db"].connect(autocommit=True) as conn, conn.cursor() as cur:
             # the next block is read and encoded while the server takes this one's COPY: alternating,
             # the writer and its server process had kept one core busy between them after the compute
             for payload, m in prefetched(payloads(), depth=1):
-                pgcopy.copy_bytes(cur, target, load_rows.LOAD_COLUMNS, payload)
+                pgcopy.copy_bytes(cur, target, pm.EDGE_LOAD_COLUMNS, payload)
                 edges += m
         result_q.put(("done", edges))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
@@ -84,11 +81,10 @@ def writer_main(args: dict, block_q, result_q, parent_pid: int) -> None:
 class EdgeWriter:
     """Parent side: `send(b)` from any thread as blocks finish, `finish()` for the edge count."""
 
-    def __init__(self, db, table: str, group, cycle_id: str, staging: str, block_rows: int):
+    def __init__(self, db, table: str, group, staging: str, block_rows: int):
         ctx = mp.get_context("spawn")
         self.block_q, self.result_q = ctx.Queue(), ctx.Queue()
-        args = {"db": db, "table": table, "group_id": group.group_id, "domain_id": group.domain_id,
-                "cycle_id": cycle_id, "reference_ids": list(group.reference_ids), "staging": staging,
+        args = {"db": db, "table": table, "reference_ids": list(group.reference_ids), "staging": staging,
                 "block_rows": block_rows}
         self.process = ctx.Process(target=writer_main, args=(args, self.block_q, self.result_q, os.getpid()),
                                    name="mtool-edge-writer", daemon=True)

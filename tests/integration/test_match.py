@@ -298,3 +298,36 @@ def test_unchanged_group_does_no_work_until_its_nodes_profile_or_options_change(
     with psycopg.connect(dsn) as conn:
         statuses = [s for s, in conn.execute("SELECT status FROM match_cycles WHERE group_id = %s", (g,))]
     assert sorted(statuses) == ["COMPLETED"] * 4 and stored_matches(dsn, g) != matches_before
+
+
+def test_ingest_upserts_and_replaces_a_partition_that_a_cycle_wrote(dsn, files):
+    """A cycle's partition stores its one-value columns (group, domain, cycle, matched_at) in
+    the catalog, not in its rows: an ingest upsert into it and a replace of it still read and
+    write every column."""
+    g = group(16)
+    rows = make_nodes(200, g, DOMAIN, seed=16)
+    run_mtool(["nodes", "import", nodes_file(files, rows)], dsn, check_rc=0)
+    cycle = json.loads(run_mtool(["match", "--profile", profile_file(files), "--json"], dsn,
+                                 check_rc=0).stdout)["groups"][0]["cycle_id"]
+    got, _ = stored_matches(dsn, g)
+    ref, (matched, _) = next(iter(got.items()))[0], next(iter(got.values()))[0]
+    edits = [{"reference_id": ref, "matched_reference_id": matched, "compatibility_score": 0.5, "group_id": g,
+              "domain_id": DOMAIN, "processing_cycle_id": "upsert-1"},
+             {"reference_id": "new-node", "matched_reference_id": ref, "compatibility_score": 0.25, "group_id": g,
+              "domain_id": DOMAIN, "processing_cycle_id": "upsert-1"}]
+    run_mtool(["ingest", write(files / "upsert.parquet", edits)], dsn, check_rc=0)
+    with psycopg.connect(dsn) as conn:
+        by_cycle = dict(conn.execute("SELECT processing_cycle_id, count(*) FROM potential_matches WHERE group_id = %s "
+                                     "AND domain_id = %s GROUP BY 1", (g, DOMAIN)).fetchall())
+        edited = conn.execute("SELECT compatibility_score, processing_cycle_id FROM potential_matches WHERE "
+                              "group_id = %s AND reference_id = %s AND matched_reference_id = %s",
+                              (g, ref, matched)).fetchone()
+        old_stamp = conn.execute("SELECT count(DISTINCT matched_at) FROM potential_matches WHERE group_id = %s AND "
+                                 "processing_cycle_id = %s", (g, cycle)).fetchone()[0]
+    edges = sum(len(v) for v in got.values())
+    assert by_cycle == {cycle: edges - 1, "upsert-1": 2} and edited == (0.5, "upsert-1") and old_stamp == 1
+    run_mtool(["ingest", "--replace", write(files / "replace.parquet", edits[1:])], dsn, check_rc=0)
+    with psycopg.connect(dsn) as conn:
+        left = conn.execute("SELECT reference_id, processing_cycle_id, domain_id::text FROM potential_matches "
+                            "WHERE group_id = %s", (g,)).fetchall()
+    assert left == [("new-node", "upsert-1", DOMAIN)]

@@ -6,6 +6,7 @@ sample; the estimate the cycle records agrees with it; a capped search says it f
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 
 import numpy as np
 import psycopg
@@ -140,11 +141,18 @@ def test_a_cycle_through_postgres_equals_the_engine_in_memory_row_for_row(dsn, f
     nodes = GroupNodes(gid, DOMAIN, [nodes.reference_ids[i] for i in order],
                        {k: [v[i] for i in order] for k, v in nodes.metadata.items()},
                        None if nodes.embedding is None else nodes.embedding[order])
-    run_mtool(["match", "--group-id", gid, "--profile", profile_file(files, spec)], dsn, check_rc=0)
+    before = datetime.now(timezone.utc)
+    proc = run_mtool(["match", "--group-id", gid, "--profile", profile_file(files, spec), "--json"], dsn, check_rc=0)
+    cycle_id = json.loads(proc.stdout)["groups"][0]["cycle_id"]
     with psycopg.connect(dsn) as conn:
         stored = sorted((r, m, np.float32(s)) for r, m, s in conn.execute(
             "SELECT reference_id, matched_reference_id, compatibility_score FROM potential_matches WHERE group_id = %s",
             (gid,)))  # float4 read back as the float32 that was written
+        # the columns that are one value for the cycle (added to its load table at the end)
+        constant = conn.execute("SELECT DISTINCT group_id::text, domain_id::text, processing_cycle_id, matched_at "
+                                "FROM potential_matches WHERE group_id = %s", (gid,)).fetchall()
+    assert len(constant) == 1 and constant[0][:3] == (gid, DOMAIN, cycle_id)
+    assert before <= constant[0][3] <= datetime.now(timezone.utc)
     profile = prof.parse(spec)
     opts = engine.MatchOptions(profile, Device.CPU, staging_dir=str(tmp_path))
     features = enc.encode(profile, nodes)
