@@ -65,30 +65,35 @@ def create_load_table(conn, table: str) -> None:
                  .format(stage_ident(table), sql.Identifier(PARENT)))
 
 
-# A match cycle's load table holds only what differs between its rows; the columns that are
-# one value for the whole cycle are added when it is complete, as catalog defaults that need no
-# rewrite (PostgreSQL's "fast default"): its COPY parses and writes half the bytes (10M edges:
-# 574 MB of heap instead of 1,347 MB, the server's COPY 6.6 s instead of 12.4 s).
+# A match cycle's load table holds only what differs between its rows, and its group: the
+# columns that are one value for the whole cycle are added when it is complete, as catalog
+# defaults that need no rewrite (PostgreSQL's "fast default"): its COPY parses and writes half
+# the bytes (10M edges: 574 MB of heap instead of 1,347 MB, the server's COPY 6.6 s instead of
+# 12.4 s). The group is stored and checked row by row as the COPY goes, so that the swap needs
+# no scan to prove the partition constraint (the scan had cost 1 s per 10M edges at the end).
 EDGE_LOAD_COLUMNS = ("seq", "reference_id", "matched_reference_id", "compatibility_score")
 
 
-def create_edge_load_table(conn, table: str) -> None:
-    conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (seq bigint NOT NULL, reference_id varchar(255) COLLATE \"C\" "
-                         "NOT NULL, matched_reference_id varchar(255) COLLATE \"C\" NOT NULL, compatibility_score "
-                         "real NOT NULL)").format(stage_ident(table)))
+def create_edge_load_table(conn, table: str, group_id: str) -> None:
+    g = sql.Literal(str(group_id))
+    conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (seq bigint NOT NULL, group_id uuid NOT NULL DEFAULT {}::uuid "
+                         "CHECK (group_id = {}::uuid), reference_id varchar(255) COLLATE \"C\" NOT NULL, "
+                         "matched_reference_id varchar(255) COLLATE \"C\" NOT NULL, compatibility_score real NOT NULL)"
+                         ).format(stage_ident(table), g, g))
 
 
-def complete_edge_columns(conn, table: str, group_id: str, domain_id: str, cycle_id: str, matched_at) -> None:
+def complete_edge_columns(conn, table: str, domain_id: str, cycle_id: str, matched_at) -> None:
     """Add the cycle's constant columns to its edge load table: catalog-only (each row reads
     the value stored with the column); the defaults are dropped again, the values stay."""
     load = stage_ident(table)
-    values = (("group_id", "uuid", group_id), ("domain_id", "uuid", domain_id),
-              ("processing_cycle_id", "varchar(36)", cycle_id), ("matched_at", "timestamptz", matched_at))
+    values = (("domain_id", "uuid", domain_id), ("processing_cycle_id", "varchar(36)", cycle_id),
+              ("matched_at", "timestamptz", matched_at))
     conn.execute(sql.SQL("ALTER TABLE {} ").format(load) + sql.SQL(", ").join(
         sql.SQL("ADD COLUMN IF NOT EXISTS {} {} NOT NULL DEFAULT {}").format(
             sql.Identifier(name), sql.SQL(kind), sql.Literal(value)) for name, kind, value in values))
     conn.execute(sql.SQL("ALTER TABLE {} ").format(load) + sql.SQL(", ").join(
-        sql.SQL("ALTER COLUMN {} DROP DEFAULT").format(sql.Identifier(name)) for name, _, _ in values))
+        sql.SQL("ALTER COLUMN {} DROP DEFAULT").format(sql.Identifier(name))
+        for name in ("group_id",) + tuple(name for name, _, _ in values)))
 
 
 def partition_rows(conn, group_id: str) -> int:
@@ -111,13 +116,18 @@ def is_prepared(conn, table: str) -> bool:
 KEY_BUILD_MEMORY = "512MB"
 
 
-def prepare_for_swap(conn, group_id: str, table: str, include_existing: bool) -> int:
+def prepare_for_swap(conn, group_id: str, table: str, include_existing: bool, edges: bool = False) -> int | None:
     """Turn a load table into a ready partition (key, partition check), in one transaction;
-    returns its row count. Idempotent: a prepared table is left as it is."""
+    returns its row count (None for a cycle's edge load table, `edges`: its writer counted them,
+    and its partition check came with the table). Idempotent: a prepared table is left as it is."""
     load = stage_ident(table)
+
+    def count():
+        return None if edges else conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE seq >= 0").format(load)).fetchone()[0]
+
     with conn.transaction():
         if is_prepared(conn, table):
-            return conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE seq >= 0").format(load)).fetchone()[0]
+            return count()
         if include_existing:
             cols = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
             conn.execute(sql.SQL("INSERT INTO {} (seq, {}) SELECT {}, {} FROM {}").format(
@@ -134,9 +144,10 @@ def prepare_for_swap(conn, group_id: str, table: str, include_existing: bool) ->
         except errors.UniqueViolation:
             delete_superseded(conn, load)
             conn.execute(add_key)
-        # Matches the partition constraint, so ATTACH PARTITION skips its validation scan.
-        conn.execute(sql.SQL("ALTER TABLE {} ADD CHECK (group_id = {}::uuid)").format(load, sql.Literal(str(group_id))))
-        return conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE seq >= 0").format(load)).fetchone()[0]
+        if not edges:  # matches the partition constraint, so ATTACH PARTITION skips its validation scan
+            conn.execute(sql.SQL("ALTER TABLE {} ADD CHECK (group_id = {}::uuid)").format(load,
+                                                                                        sql.Literal(str(group_id))))
+        return count()
 
 
 def delete_superseded(conn, load: sql.Identifier) -> int:

@@ -778,7 +778,7 @@ def open_load_table(db: Database, gid: str, cycle_id: str) -> str:
     load = cycles.load_table_name(gid, cycle_id)
     with db.connect(autocommit=True) as conn:
         conn.execute(f"DROP TABLE IF EXISTS {pm.STAGE_SCHEMA}.{load}")
-        pm.create_edge_load_table(conn, load)
+        pm.create_edge_load_table(conn, load, gid)
     return load
 
 
@@ -791,8 +791,8 @@ def swap_cycle(db: Database, group, cycle_id: str, load: str, edges: int, timing
     """The loaded edges replace the group's partition, with the cycle's row, in one transaction."""
     with db.connect(autocommit=True) as conn:
         t = time.monotonic()
-        pm.complete_edge_columns(conn, load, group.group_id, group.domain_id, cycle_id, datetime.now(timezone.utc))
-        pm.prepare_for_swap(conn, group.group_id, load, include_existing=False)
+        pm.complete_edge_columns(conn, load, group.domain_id, cycle_id, datetime.now(timezone.utc))
+        pm.prepare_for_swap(conn, group.group_id, load, include_existing=False, edges=True)
         timings["key_s"] = round(time.monotonic() - t, 3)
         faults.crash_point("match-before-swap")
         t = time.monotonic()
