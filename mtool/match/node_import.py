@@ -32,6 +32,7 @@ from mtool.errors import InvalidInput, JobBusy, UsageError
 from mtool.io import copy as pgcopy
 from mtool.io import sources
 from mtool.io.pipeline import prefetched
+from mtool.match.node_forward import Forward
 from mtool.match.nodes import FLOAT4_OID, MAX_ID_CHARS, NODE_COLUMNS, NodesResult
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def import_nodes(db: Database, uris, group_id=None, domain_id=None, mapping=(), 
             db.retry(lambda: run.commit(imported), "commit nodes")
             commit_s = time.monotonic() - t_commit
         except Exception as exc:
+            run.close()
             if not getattr(exc, "retryable", False):
                 message = str(exc)
                 session.run(lambda c: (jobs.fail(c, job.job_id, message), _drop_load_table(c, job.job_id)),
@@ -144,7 +146,7 @@ def load_table(job_id: str) -> str:
 
 
 def _drop_load_table(conn, job_id: str) -> None:
-    conn.execute(f"DROP TABLE IF EXISTS {load_table(job_id)}")
+    conn.execute(f"DROP TABLE IF EXISTS {load_table(job_id)} CASCADE")  # with its batches' tables
 
 
 class _Run:
@@ -157,6 +159,7 @@ class _Run:
         self.mismatched = {}  # file index: (rows read this run, rows whose embedding length mismatched)
         self.dims = None
         self.keys = None  # this run's keys (load), when it saw every batch
+        self.forward: Forward | None = None  # this run's batches into `nodes` as they load (node_forward)
 
     def load(self, total: int) -> tuple[int, int]:
         """Every batch not committed yet; returns (rows loaded, rows rejected) of the whole job.
@@ -170,6 +173,8 @@ class _Run:
         # the keys this run loads, to know at the commit whether any was read twice; a resumed
         # run has not seen its earlier batches' keys, and leaves that to the server
         self.keys = None if done else []
+        self.close()  # a load retried after a lost connection: its forward, if any, is gone
+        self.forward = None if done else Forward(self.db, self.table)
         with self.db.connect() as conn, self.db.connect(autocommit=True) as lookup:
             self.dims = _GroupDims(lookup, self.table)
             for fi, bi, rows, encoded in prefetched(self._encoded(done)):
@@ -177,7 +182,9 @@ class _Run:
                     payload, good, rejects, keys = encoded
                     if self.keys is not None:
                         self.keys.append(keys)
-                    self._commit_batch(conn, fi, bi, payload, good, rejects)
+                    part = self._commit_batch(conn, fi, bi, payload, good, rejects)
+                    if self.forward is not None:
+                        self.forward.send(part, good, _groups_of(keys))
                     read, mismatched = self.mismatched.get(fi, (0, 0))
                     self.mismatched[fi] = (read + rows, mismatched + sum(r.get("kind") == "embedding length"
                                                                          for r in rejects))
@@ -225,15 +232,20 @@ class _Run:
                 done = set()
         return done
 
-    def _commit_batch(self, conn, fi, bi, payload, good: int, rejects: list) -> None:
+    def _commit_batch(self, conn, fi, bi, payload, good: int, rejects: list) -> str:
+        """The batch into its own table under the load table (INHERITS: the load table reads
+        as all of them), with its rejects and checkpoint; returns that table's name."""
+        part = f"{self.table}_{fi}_{bi}"
         with conn.transaction(), conn.cursor() as cur:
-            pgcopy.copy_bytes(cur, self.table, LOAD_COLUMNS, payload)
+            cur.execute(f"CREATE UNLOGGED TABLE IF NOT EXISTS {part} () INHERITS ({self.table})")
+            pgcopy.copy_bytes(cur, part, LOAD_COLUMNS, payload)
             if rejects:
                 cur.executemany("INSERT INTO import_rejects (job_id, file_index, row_number, reason, record) VALUES "
                                 "(%s, %s, %s, %s, %s)", [(self.job.job_id, fi, r["row"], r["reason"],
                                                           json.dumps(r["record"])) for r in rejects])
             cur.execute("INSERT INTO import_checkpoints (job_id, file_index, row_group, chunk, rows_loaded, "
                         "rows_rejected) VALUES (%s, %s, 0, %s, %s, %s)", (self.job.job_id, fi, bi, good, len(rejects)))
+        return part
 
     def check_files(self) -> None:
         """A file every row of which has another embedding length than its group's is a wrong
@@ -244,6 +256,11 @@ class _Run:
                                    f"({self.dims.describe()}); nothing was imported",
                                    hint="a group keeps one embedding length: re-embed the file, or import it "
                                         "into another group")
+
+    def close(self) -> None:
+        if self.forward is not None:
+            self.forward.close()
+            self.forward = None
 
     def _keys_seen(self) -> tuple[bool, list | None]:
         """(whether some key may have been loaded twice, the groups loaded or None when not
@@ -263,6 +280,17 @@ class _Run:
         """The load table into `nodes` with the job COMPLETED, in one transaction. A key read
         twice keeps its last row (highest seq); a row that is already as imported is not updated
         (the group's node version stays: `mtool match` sees nothing changed)."""
+        forwarded = self.forward.finish(imported) if self.forward is not None else None
+        self.forward = None
+        if forwarded is not None:  # every batch is in `nodes` already, in this open transaction
+            with forwarded as conn:
+                faults.crash_point("nodes-commit")
+                jobs.complete(conn, self.job.job_id, imported)
+                _drop_load_table(conn, self.job.job_id)
+                conn.commit()
+            log.info("nodes import job %s: its batches went into nodes as they loaded", self.job.job_id,
+                     extra={"job_id": self.job.job_id})
+            return
         read_twice, groups = self._keys_seen()
         with self.db.connect() as conn:
             if read_twice:
@@ -401,6 +429,13 @@ def encode_batch(batch, uri: str, first_row: int, group_id, domain_id, dims: _Gr
               pgcopy.text(_float4_arrays(embedding, good)) if embedding is not None else pgcopy.null_field(m),
               pgcopy.fixed(seq0 + good.astype(np.int64), ">i8")]
     return pgcopy.encode_rows(fields, m), m, rejects, keys
+
+
+def _groups_of(keys) -> list[str]:
+    """The groups of a batch's (group, id) keys."""
+    import pyarrow.compute as pc
+
+    return [str(uuid.UUID(bytes=g)) for g in pc.unique(pc.binary_slice(keys, 0, 16)).to_pylist()]
 
 
 def _mask(array) -> np.ndarray:

@@ -89,10 +89,18 @@ def test_nodes_import_matches_the_files_and_a_second_run_does_no_work(dsn, tmp_p
     assert [(s, m) for _, s, m in job_rows(dsn, g)] == [("COMPLETED", "nodes")]
 
 
-@pytest.mark.parametrize("crash_at", ["nodes-batch-committed:3", "nodes-before-commit", "nodes-commit"])
-def test_killed_nodes_import_resumes_to_the_uninterrupted_nodes(dsn, tmp_path, crash_at):
-    g = group(10 + ["nodes-batch-committed:3", "nodes-before-commit", "nodes-commit"].index(crash_at))
+CRASHES = ["nodes-batch-committed:3", "nodes-before-commit", "nodes-commit"]
+
+
+@pytest.mark.parametrize("repeats", [True, False], ids=["keys-read-twice", "new-keys-forwarded"])
+@pytest.mark.parametrize("crash_at", CRASHES)
+def test_killed_nodes_import_resumes_to_the_uninterrupted_nodes(dsn, tmp_path, crash_at, repeats):
+    """Killed with its batches forwarded into `nodes` in an open transaction (new keys), or
+    after the forward gave up (a key read twice), at each point."""
+    g = group(10 + CRASHES.index(crash_at) + (0 if repeats else 30))
     paths = node_files(tmp_path, g, seed=11)
+    if not repeats:
+        paths = paths[:1] + [write_rows(tmp_path / f"{g}-c.parquet", g, range(4500, 5300), 12)]
     args = ["nodes", "import", *paths, "--batch-rows", "1000"]
     assert run_mtool(args, dsn, env={"MTOOL_CRASH_AT": crash_at}).returncode == -9
     assert stored_nodes(dsn, g) == {}  # nothing reaches `nodes` before the job's commit
@@ -106,6 +114,44 @@ def test_killed_nodes_import_resumes_to_the_uninterrupted_nodes(dsn, tmp_path, c
                                 ("n_" + job_id.hex,)).fetchone()[0]
     # 4,500 rows (row groups of 1,700) read in batches of 1,000, then 800 rows: each batch once
     assert status == "COMPLETED" and batches == 5 + 1 and leftover == 0
+    with psycopg.connect(dsn) as conn:  # nor the batches' own tables
+        assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'mtool_stage' AND tablename LIKE %s",
+                            ("n\\_" + job_id.hex + "%",)).fetchone()[0] == 0
+
+
+def write_rows(path, g, ids, seed, tag="third"):
+    """A nodes file of keys `ids` (metadata as columns, an 8-dim embedding)."""
+    rng = random.Random(seed)
+    ids = list(ids)
+    pq.write_table(pa.table({
+        "reference_id": [f"n{i:05d}" for i in ids], "group_id": [g] * len(ids), "domain_id": [DOMAIN] * len(ids),
+        "city": [rng.choice(["Oslo", "Lyon"]) for _ in ids], "tag": [tag] * len(ids),
+        "embedding": pa.array([[rng.gauss(0, 1) for _ in range(8)] for _ in ids], pa.list_(pa.float32()))}), path)
+    return str(path)
+
+
+def test_new_groups_go_into_nodes_as_batches_load_and_updates_take_the_classic_commit(dsn, tmp_path):
+    """Batches of new keys are forwarded into `nodes` while the next ones load, in one open
+    transaction: the result is the files' rows, one version bump visible at the commit. An
+    import into a group with nodes already (an update) gives the forward up and commits the
+    load table as a whole: rows as the later file says, rows it does not hold unchanged."""
+    g = group(50)
+    first = [write_rows(tmp_path / "a.parquet", g, range(0, 2500), 50),
+             write_rows(tmp_path / "b.parquet", g, range(2500, 3100), 51)]
+    proc = run_mtool(["nodes", "import", *first, "--batch-rows", "1000"], dsn, check_rc=0)
+    assert "went into nodes as they loaded" in proc.stderr and "no longer forwarded" not in proc.stderr
+    assert_nodes(stored_nodes(dsn, g), expected_nodes(first))
+    with psycopg.connect(dsn) as conn:
+        version = conn.execute("SELECT version FROM node_versions WHERE group_id = %s", (g,)).fetchone()[0]
+    update = write_rows(tmp_path / "c.parquet", g, range(3000, 3400), 52, tag="update")
+    proc = run_mtool(["nodes", "import", update, "--batch-rows", "1000"], dsn, check_rc=0)
+    assert f"group {g} has nodes already" in proc.stderr and "went into nodes as they loaded" not in proc.stderr
+    assert_nodes(stored_nodes(dsn, g), expected_nodes(first + [update]))
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT version FROM node_versions WHERE group_id = %s", (g,)).fetchone()[0] > version
+        # rows the update did not touch keep their stamp (not rewritten)
+        assert conn.execute("SELECT count(DISTINCT updated_at) FROM nodes WHERE group_id = %s AND reference_id < "
+                            "'n03000'", (g,)).fetchone()[0] == 1
 
 
 def test_a_load_table_emptied_by_a_server_crash_makes_the_job_start_over(dsn, tmp_path):
