@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 
 import numpy as np
 import psycopg
@@ -168,3 +169,34 @@ def test_a_load_table_emptied_by_a_server_crash_makes_the_job_start_over(dsn, tm
     proc = run_mtool(args, dsn, check_rc=0)
     assert "starting over" in proc.stderr
     assert_nodes(stored_nodes(dsn, g), expected_nodes(paths))
+
+
+def test_concurrent_imports_into_the_same_new_groups_both_land(dsn, tmp_path):
+    """Two imports at once, each holding new keys of the same two new groups in opposite order
+    (one forward waits for the other's group lock, or PostgreSQL breaks the deadlock and one
+    gives its forward up): both complete and `nodes` holds every row of both, once."""
+    g1, g2 = group(60), group(61)
+    a = pq.read_table(write_rows(tmp_path / "a1.parquet", g1, range(0, 1500), 60))
+    b = pq.read_table(write_rows(tmp_path / "b1.parquet", g2, range(0, 1500), 61))
+    first = str(tmp_path / "first.parquet")
+    pq.write_table(pa.concat_tables([a, b]), first)  # g1's rows, then g2's
+    c = pq.read_table(write_rows(tmp_path / "c1.parquet", g2, range(1500, 3000), 62))
+    d = pq.read_table(write_rows(tmp_path / "d1.parquet", g1, range(1500, 3000), 63))
+    second = str(tmp_path / "second.parquet")
+    pq.write_table(pa.concat_tables([c, d]), second)  # g2's rows, then g1's
+    results = {}
+
+    def run(path):
+        results[path] = run_mtool(["nodes", "import", path, "--batch-rows", "1000"], dsn)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[p].returncode for p in (first, second)] == [0, 0], [results[p].stderr[-2000:] for p in results]
+    for g, parts in ((g1, ["a1", "d1"]), (g2, ["b1", "c1"])):
+        assert_nodes(stored_nodes(dsn, g), expected_nodes([str(tmp_path / f"{p}.parquet") for p in parts]))
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'mtool_stage' AND tablename LIKE "
+                            "'n\\_%'").fetchone()[0] == 0
