@@ -74,56 +74,12 @@ def create_load_table(conn, table: str) -> None:
 EDGE_LOAD_COLUMNS = ("seq", "reference_id", "matched_reference_id", "compatibility_score")
 
 
-# A large cycle's edges go into parts by hash of reference_id (the load table partitioned), so
-# that each part's key is built on its own connection at the same time: on 2 cores two 10M-row
-# builds took 16.4-18.0 s together, one 20M-row build with PostgreSQL's 2 parallel workers 25.0 s.
-KEY_PARTS = 2
-KEY_PARTS_FROM_EDGES = 2_000_000  # below it one table: its key builds in a second or two
-
-
-def create_edge_load_table(conn, table: str, group_id: str, parts: int = 1) -> None:
-    """The cycle's edge load table; with `parts` > 1 partitioned by hash of reference_id into
-    `parts` tables named TABLE_pN (edge_key_parts)."""
+def create_edge_load_table(conn, table: str, group_id: str) -> None:
     g = sql.Literal(str(group_id))
     conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (seq bigint NOT NULL, group_id uuid NOT NULL DEFAULT {}::uuid "
                          "CHECK (group_id = {}::uuid), reference_id varchar(255) COLLATE \"C\" NOT NULL, "
                          "matched_reference_id varchar(255) COLLATE \"C\" NOT NULL, compatibility_score real NOT NULL)"
-                         ).format(stage_ident(table), g, g)
-                 + (sql.SQL(" PARTITION BY HASH (reference_id)") if parts > 1 else sql.SQL("")))
-    for r in range(parts if parts > 1 else 0):
-        conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES WITH (MODULUS {}, REMAINDER {})")
-                     .format(stage_ident(f"{table}_p{r}"), stage_ident(table), sql.Literal(parts), sql.Literal(r)))
-
-
-def table_parts(conn, schema: str, table: str) -> list[str]:
-    """The parts of a partitioned table (names, in order), [] for a plain one."""
-    return [r[0] for r in conn.execute(
-        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = %s::regclass "
-        "ORDER BY c.relname", (f'{schema}."{table}"',))]
-
-
-def build_part_keys(connect, table: str) -> None:
-    """The primary key of each part of a split edge load table, each on its own connection at
-    the same time (without PostgreSQL's parallel workers: the parts are the parallelism);
-    prepare_for_swap then adds the table's key, which takes the parts' keys as they are."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with connect() as conn:
-        parts = [p for p in table_parts(conn, STAGE_SCHEMA, table) if not is_prepared(conn, p)]
-
-    def build(part):
-        with connect() as conn:
-            conn.execute("SET max_parallel_maintenance_workers = 0")
-            conn.execute("SELECT set_config('maintenance_work_mem', %s, false) WHERE "
-                         "pg_size_bytes(current_setting('maintenance_work_mem')) < pg_size_bytes(%s)",
-                         (KEY_BUILD_MEMORY, KEY_BUILD_MEMORY))
-            conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY (group_id, reference_id, matched_reference_id)")
-                         .format(stage_ident(part)))
-            conn.commit()
-
-    if parts:
-        with ThreadPoolExecutor(len(parts)) as pool:
-            list(pool.map(build, parts))
+                         ).format(stage_ident(table), g, g))
 
 
 def complete_edge_columns(conn, table: str, domain_id: str, cycle_id: str, matched_at) -> None:
@@ -141,15 +97,12 @@ def complete_edge_columns(conn, table: str, domain_id: str, cycle_id: str, match
 
 
 def partition_rows(conn, group_id: str) -> int:
-    """Rows in the group's partition (0 when it has none): an estimate when large (the sum over
-    its parts when a cycle split it)."""
-    if not conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{PART_SCHEMA}.{partition_name(group_id)}",)
-                        ).fetchone()[0]:
+    """Rows in the group's partition (0 when it has none): an estimate when large."""
+    row = conn.execute("SELECT c.reltuples FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                       "WHERE n.nspname = %s AND c.relname = %s", (PART_SCHEMA, partition_name(group_id))).fetchone()
+    if row is None:
         return 0
-    row = conn.execute("SELECT sum(greatest(c.reltuples, 0)), bool_or(c.reltuples < 0) FROM pg_partition_tree(%s) t "
-                       "JOIN pg_class c ON c.oid = t.relid WHERE t.isleaf",
-                       (f"{PART_SCHEMA}.{partition_name(group_id)}",)).fetchone()
-    if row[0] is None or row[1] or row[0] < 10_000:  # never analysed (-1) or small: count it
+    if row[0] is None or row[0] < 10_000:  # never analysed (-1) or small: count it
         return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(partition_ident(group_id))).fetchone()[0]
     return int(row[0])
 
@@ -215,10 +168,6 @@ def swap_in(conn, group_id: str, table: str) -> None:
     if exists:
         conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(sql.Identifier(PARENT), part))
         conn.execute(sql.SQL("DROP TABLE {}").format(part))
-    for r, piece in enumerate(table_parts(conn, STAGE_SCHEMA, table)):  # a split cycle's parts go along
-        name = f"{partition_name(group_id)}_p{r}"
-        conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(stage_ident(piece), sql.Identifier(name)))
-        conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(stage_ident(name), sql.Identifier(PART_SCHEMA)))
     conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(stage_ident(table),
                                                                sql.Identifier(partition_name(group_id))))
     conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(

@@ -305,7 +305,7 @@ def _run_group(session, db, opts, group, features, cycle_id, stats: dict, timing
         passes += 1
         writer = load = None
         if not opts.output:  # edges stream into a fresh load table as blocks finish (mtool/match/writer.py)
-            load = db.retry(lambda: open_load_table(db, gid, cycle_id, len(group) * profile.k), "create load table")
+            load = db.retry(lambda: open_load_table(db, gid, cycle_id), "create load table")
             writer = EdgeWriter(db, load, group, staging, opts.block_rows)
         try:
             neighbors, scores = stage_matches(opts, profile, group, features, staging, stats, floor=floor,
@@ -778,14 +778,12 @@ def write_parquet(path: str, group, cycle_id, neighbors, scores) -> int:
     return table.num_rows
 
 
-def open_load_table(db: Database, gid: str, cycle_id: str, edges: int) -> str:
-    """A fresh (empty) load table for this cycle of the group: every attempt starts a new one;
-    split in parts (matches.KEY_PARTS) when `edges` (at most) is large."""
+def open_load_table(db: Database, gid: str, cycle_id: str) -> str:
+    """A fresh (empty) load table for this cycle of the group: every attempt starts a new one."""
     load = cycles.load_table_name(gid, cycle_id)
     with db.connect(autocommit=True) as conn:
-        conn.execute(f"DROP TABLE IF EXISTS {pm.STAGE_SCHEMA}.{load}")  # with its parts
-        split_from = int(os.environ.get("MTOOL_KEY_PARTS_FROM_EDGES", pm.KEY_PARTS_FROM_EDGES))
-        pm.create_edge_load_table(conn, load, gid, pm.KEY_PARTS if edges >= split_from else 1)
+        conn.execute(f"DROP TABLE IF EXISTS {pm.STAGE_SCHEMA}.{load}")
+        pm.create_edge_load_table(conn, load, gid)
     return load
 
 
@@ -799,7 +797,6 @@ def swap_cycle(db: Database, group, cycle_id: str, load: str, edges: int, timing
     with db.connect(autocommit=True) as conn:
         t = time.monotonic()
         pm.complete_edge_columns(conn, load, group.domain_id, cycle_id, datetime.now(timezone.utc))
-        pm.build_part_keys(db.connect, load)
         pm.prepare_for_swap(conn, group.group_id, load, include_existing=False, edges=True)
         timings["key_s"] = round(time.monotonic() - t, 3)
         faults.crash_point("match-before-swap")

@@ -83,9 +83,8 @@ def test_new_cycle_replaces_the_old_and_readers_never_see_two(dsn, files):
     thread = threading.Thread(target=reader)
     thread.start()
     try:
-        # a partition split in parts (a large cycle's) replaces a plain one, then a plain one it
-        for env in ({"MTOOL_KEY_PARTS_FROM_EDGES": "1"}, {}):
-            run_mtool(["match", "--profile", prof, "--force"], dsn, env=env, check_rc=0)
+        for _ in range(2):
+            run_mtool(["match", "--profile", prof, "--force"], dsn, check_rc=0)
     finally:
         stop.set()
         thread.join()
@@ -301,35 +300,22 @@ def test_unchanged_group_does_no_work_until_its_nodes_profile_or_options_change(
     assert sorted(statuses) == ["COMPLETED"] * 4 and stored_matches(dsn, g) != matches_before
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["one-table", "split-in-parts"])
-def test_ingest_upserts_and_replaces_a_partition_that_a_cycle_wrote(dsn, files, split):
+def test_ingest_upserts_and_replaces_a_partition_that_a_cycle_wrote(dsn, files):
     """A cycle's partition stores its one-value columns (group, domain, cycle, matched_at) in
-    the catalog, not in its rows, and a large cycle's partition is split by hash of
-    reference_id (its parts' keys built at once): a second cycle replaces it with its parts, and
-    an ingest upsert into it and a replace of it still read and write every column."""
-    g = group(16 + split)
-    env = {"MTOOL_KEY_PARTS_FROM_EDGES": "1"} if split else {}
+    the catalog, not in its rows: an ingest upsert into it and a replace of it still read and
+    write every column."""
+    g = group(16)
     rows = make_nodes(200, g, DOMAIN, seed=16)
     run_mtool(["nodes", "import", nodes_file(files, rows)], dsn, check_rc=0)
-    for _ in range(2):
-        cycle = json.loads(run_mtool(["match", "--group-id", g, "--profile", profile_file(files), "--json", "--force"],
-                                     dsn, env=env, check_rc=0).stdout)["groups"][0]["cycle_id"]
-    with psycopg.connect(dsn) as conn:
-        parts = conn.execute("SELECT n.nspname, c.relname FROM pg_partition_tree(%s) t JOIN pg_class c ON c.oid = "
-                             "t.relid JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.level = 1 ORDER BY 2",
-                             (f"mtool_part.potential_matches_{g.replace('-', '')}",)).fetchall()
-        staged = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'mtool_stage' AND tablename LIKE "
-                              "'m\\_%'").fetchone()[0]
-    hexid = g.replace("-", "")
-    assert parts == ([("mtool_part", f"potential_matches_{hexid}_p{r}") for r in range(2)] if split else [])
-    assert staged == 0
+    cycle = json.loads(run_mtool(["match", "--profile", profile_file(files), "--json"], dsn,
+                                 check_rc=0).stdout)["groups"][0]["cycle_id"]
     got, _ = stored_matches(dsn, g)
     ref, (matched, _) = next(iter(got.items()))[0], next(iter(got.values()))[0]
     edits = [{"reference_id": ref, "matched_reference_id": matched, "compatibility_score": 0.5, "group_id": g,
               "domain_id": DOMAIN, "processing_cycle_id": "upsert-1"},
              {"reference_id": "new-node", "matched_reference_id": ref, "compatibility_score": 0.25, "group_id": g,
               "domain_id": DOMAIN, "processing_cycle_id": "upsert-1"}]
-    run_mtool(["ingest", write(files / f"upsert-{split}.parquet", edits)], dsn, check_rc=0)
+    run_mtool(["ingest", write(files / "upsert.parquet", edits)], dsn, check_rc=0)
     with psycopg.connect(dsn) as conn:
         by_cycle = dict(conn.execute("SELECT processing_cycle_id, count(*) FROM potential_matches WHERE group_id = %s "
                                      "AND domain_id = %s GROUP BY 1", (g, DOMAIN)).fetchall())
@@ -340,7 +326,7 @@ def test_ingest_upserts_and_replaces_a_partition_that_a_cycle_wrote(dsn, files, 
                                  "processing_cycle_id = %s", (g, cycle)).fetchone()[0]
     edges = sum(len(v) for v in got.values())
     assert by_cycle == {cycle: edges - 1, "upsert-1": 2} and edited == (0.5, "upsert-1") and old_stamp == 1
-    run_mtool(["ingest", "--replace", write(files / f"replace-{split}.parquet", edits[1:])], dsn, check_rc=0)
+    run_mtool(["ingest", "--replace", write(files / "replace.parquet", edits[1:])], dsn, check_rc=0)
     with psycopg.connect(dsn) as conn:
         left = conn.execute("SELECT reference_id, processing_cycle_id, domain_id::text FROM potential_matches "
                             "WHERE group_id = %s", (g,)).fetchall()

@@ -129,7 +129,7 @@ def test_missing_zero_counts_a_lacking_key_as_0_with_its_weight(dsn, files):
 
 def test_a_cycle_through_postgres_equals_the_engine_in_memory_row_for_row(dsn, files, tmp_path):
     """Loading the group from PostgreSQL (two COPYs in one snapshot, binary embeddings) and
-    writing its edges (writer process, a load table split in parts, keys, swap) change nothing: the stored edges of 20,000
+    writing its edges (writer process, key, swap) change nothing: the stored edges of 20,000
     nodes with missing values are exactly, ids and float4 scores, what the engine computes in
     memory from the file's own values with the same options."""
     from mtool.device import Device
@@ -142,10 +142,7 @@ def test_a_cycle_through_postgres_equals_the_engine_in_memory_row_for_row(dsn, f
                        {k: [v[i] for i in order] for k, v in nodes.metadata.items()},
                        None if nodes.embedding is None else nodes.embedding[order])
     before = datetime.now(timezone.utc)
-    # edges split in parts for the key build as a large cycle's are (the small groups of the
-    # other tests keep one table)
-    proc = run_mtool(["match", "--group-id", gid, "--profile", profile_file(files, spec), "--json"], dsn,
-                     env={"MTOOL_KEY_PARTS_FROM_EDGES": "1"}, check_rc=0)
+    proc = run_mtool(["match", "--group-id", gid, "--profile", profile_file(files, spec), "--json"], dsn, check_rc=0)
     cycle_id = json.loads(proc.stdout)["groups"][0]["cycle_id"]
     with psycopg.connect(dsn) as conn:
         stored = sorted((r, m, np.float32(s)) for r, m, s in conn.execute(
