@@ -6,8 +6,9 @@ encode its nodes, then for each block of query nodes: candidates (exact or FAISS
 rescoring with the compatibility kernel, deterministic top-K, written to Zarr staging arrays
 `neighbors[N,K]`, `scores[N,K]` chunked by block, with a done-marker per block. A killed run
 resumes from the done blocks (the unfinished cycle's id is reused). The group's top-K edges
-are then COPYed into a load table that replaces the group's partition in one transaction with
-the cycle's COMPLETED row: readers see the old cycle until then, only the new one after.
+are COPYed into a load table as blocks finish (writer.py) and that table replaces the group's
+partition in one transaction with the cycle's COMPLETED row (output.py): readers see the old
+cycle until then, only the new one after.
 A failing group is retried with backoff, then marked FAILED while the others go on.
 """
 
@@ -21,7 +22,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import numpy as np
 
@@ -32,9 +32,10 @@ from mtool.errors import InvalidInput, MtoolError
 from mtool.match import calibrate, costs, cycles
 from mtool.match import encode as enc
 from mtool.match import nodes as node_repo
+from mtool.match.output import cycle_completed, drop_load_table, open_load_table, swap_cycle, write_parquet
 from mtool.match.rescore import SCAN_QUERIES, top_k_for, work_features_on
 from mtool.match.search import ListJoin, PatternJoin, compute_pool, take_rows
-from mtool.match.writer import EdgeWriter, edge_columns
+from mtool.match.writer import EdgeWriter
 
 log = logging.getLogger(__name__)
 GROUP_ATTEMPTS = 3
@@ -327,7 +328,7 @@ def _run_group(session, db, opts, group, features, cycle_id, stats: dict, timing
                 edges = int(np.count_nonzero(neighbors >= 0))
                 if edges or opts.allow_empty:
                     edges = write_parquet(opts.output, group, cycle_id, neighbors, scores)
-                    session.run(lambda c: _cycle_completed(c, gid, cycle_id, n, edges, timings, group, quality),
+                    session.run(lambda c: cycle_completed(c, gid, cycle_id, n, edges, timings, group, quality),
                                 "complete cycle")
             else:
                 edges = writer.finish()
@@ -336,7 +337,7 @@ def _run_group(session, db, opts, group, features, cycle_id, stats: dict, timing
                 if edges or opts.allow_empty:
                     db.retry(lambda: swap_cycle(db, group, cycle_id, load, edges, timings, quality), "commit cycle")
                 else:
-                    db.retry(lambda: _drop_load_table(db, load), "drop load table")
+                    db.retry(lambda: drop_load_table(db, load), "drop load table")
             break
         finally:
             if writer is not None:
@@ -743,70 +744,3 @@ def _batches(blocks: int, block_rows: int) -> list:
     SEARCH_ROWS rows a batch, and BATCHES_MIN batches at least (two per thread on 2 cores)."""
     per_batch = max(1, min(SEARCH_ROWS // block_rows, -(-blocks // BATCHES_MIN)))
     return [list(range(first, min(blocks, first + per_batch))) for first in range(0, blocks, per_batch)]
-
-
-# -- output --------------------------------------------------------------------------------
-
-def edge_table(group, cycle_id, neighbors, scores):
-    """The top-K edges as an Arrow table in the import contract."""
-    import pyarrow as pa
-
-    refs = pa.array(group.reference_ids, pa.string())
-    sources, targets, kept = edge_columns(refs, np.arange(len(neighbors)), neighbors, scores)
-    m = len(sources)
-    return pa.table({
-        "group_id": pa.array([group.group_id] * m, pa.string()),
-        "domain_id": pa.array([group.domain_id] * m, pa.string()),
-        "processing_cycle_id": pa.array([cycle_id] * m, pa.string()),
-        "reference_id": sources,
-        "matched_reference_id": targets,
-        "compatibility_score": pa.array(kept, pa.float32()),
-    })
-
-
-def write_parquet(path: str, group, cycle_id, neighbors, scores) -> int:
-    """Append this group's edges to <path> as <path>/<group>.parquet (a directory of shards that
-    `mtool ingest <path>` imports), written to a temporary name and renamed."""
-    import pyarrow.parquet as pq
-
-    table = edge_table(group, cycle_id, neighbors, scores)
-    target = path[:-len(".parquet")] if path.endswith(".parquet") else path
-    os.makedirs(target, exist_ok=True)
-    final = os.path.join(target, f"{group.group_id}.parquet")
-    pq.write_table(table, final + ".tmp")
-    os.replace(final + ".tmp", final)
-    return table.num_rows
-
-
-def open_load_table(db: Database, gid: str, cycle_id: str) -> str:
-    """A fresh (empty) load table for this cycle of the group: every attempt starts a new one."""
-    load = cycles.load_table_name(gid, cycle_id)
-    with db.connect(autocommit=True) as conn:
-        conn.execute(f"DROP TABLE IF EXISTS {pm.STAGE_SCHEMA}.{load}")
-        pm.create_edge_load_table(conn, load, gid)
-    return load
-
-
-def _drop_load_table(db: Database, load: str) -> None:
-    with db.connect(autocommit=True) as conn:
-        conn.execute(f"DROP TABLE IF EXISTS {pm.STAGE_SCHEMA}.{load}")
-
-
-def swap_cycle(db: Database, group, cycle_id: str, load: str, edges: int, timings, quality: dict) -> None:
-    """The loaded edges replace the group's partition, with the cycle's row, in one transaction."""
-    with db.connect(autocommit=True) as conn:
-        t = time.monotonic()
-        pm.complete_edge_columns(conn, load, group.domain_id, cycle_id, datetime.now(timezone.utc))
-        pm.prepare_for_swap(conn, group.group_id, load, include_existing=False, edges=True)
-        timings["key_s"] = round(time.monotonic() - t, 3)
-        faults.crash_point("match-before-swap")
-        t = time.monotonic()
-        with conn.transaction():
-            pm.swap_in(conn, group.group_id, load)
-            timings["swap_s"] = round(time.monotonic() - t, 3)  # recorded with the cycle: up to its row
-            cycles.completed(conn, group.group_id, cycle_id, len(group), edges, timings, group, quality)
-
-
-def _cycle_completed(conn, gid, cycle_id, nodes, edges, timings, group, quality: dict) -> None:
-    with conn.transaction():
-        cycles.completed(conn, gid, cycle_id, nodes, edges, timings, group, quality)
