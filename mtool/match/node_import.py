@@ -4,10 +4,12 @@ Plan: resolve the files, check every schema, find or create the job by the files
 (an import that already COMPLETED does no work), take the job's lock.
 Load: each file is read in batches of BATCH_ROWS rows; a batch is validated and encoded for
 binary COPY column by column (Arrow compute and NumPy, no per-row Python but for a `metadata`
-column of JSON text or maps); its good rows go into the job's load table and its rejects into
-import_rejects, with the batch's checkpoint, in one transaction. A killed import resumes after
-its last committed batch.
-Commit: in one transaction, the load table's rows replace (upsert) the nodes, a key read twice
+column of JSON text or maps); its good rows go into the batch's own table under the job's load
+table (INHERITS) and its rejects into import_rejects, with the batch's checkpoint, in one
+transaction. A killed import resumes after its last committed batch. Batches of new groups are
+inserted into `nodes` as they load, in one transaction held open to the commit (node_forward).
+Commit: that transaction with the job COMPLETED; else (an update, a key read twice, a resumed
+run) in one transaction the load table's rows replace (upsert) the nodes, a key read twice
 keeping its last row, and the job is COMPLETED. Past --max-rejects the job FAILS and nothing
 reaches `nodes`, as before.
 """
