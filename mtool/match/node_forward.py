@@ -24,7 +24,7 @@ import threading
 from mtool.db.connection import advisory_key
 
 log = logging.getLogger(__name__)
-COLUMNS = "domain_id, group_id, reference_id, type, metadata, embedding"
+COLUMNS = ("domain_id", "group_id", "reference_id", "type", "metadata", "embedding")  # of `nodes`, as imported
 
 
 class Forward:
@@ -59,13 +59,14 @@ class Forward:
                     self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key("nodes", g),))
                     if self.conn.execute("SELECT EXISTS (SELECT 1 FROM nodes WHERE group_id = %s)",
                                          (g,)).fetchone()[0]:
-                        raise _NotNew(f"group {g} has nodes already")
+                        raise _GiveUp(f"group {g} has nodes already")
                     self.groups.add(g)
-                cur = self.conn.execute(f"INSERT INTO nodes ({COLUMNS}) SELECT {COLUMNS} FROM ONLY {part}")
+                cols = ", ".join(COLUMNS)
+                cur = self.conn.execute(f"INSERT INTO nodes ({cols}) SELECT {cols} FROM ONLY {part}")
                 if cur.rowcount != rows:
-                    raise _NotNew(f"{part} holds {cur.rowcount} rows, its checkpoint {rows}")
+                    raise _GiveUp(f"{part} holds {cur.rowcount} rows, its checkpoint {rows}")
                 self.forwarded += rows
-            except (psycopg.Error, _NotNew) as exc:
+            except (psycopg.Error, _GiveUp) as exc:
                 self._abandon(f"{type(exc).__name__}: {exc}".strip())
 
     def _abandon(self, why: str) -> None:
@@ -100,5 +101,5 @@ class Forward:
             pass
 
 
-class _NotNew(Exception):
-    pass
+class _GiveUp(Exception):
+    """A reason to commit the classic way: a group with nodes already, a batch short of rows."""

@@ -34,13 +34,13 @@ from mtool.errors import InvalidInput, JobBusy, UsageError
 from mtool.io import copy as pgcopy
 from mtool.io import sources
 from mtool.io.pipeline import prefetched
-from mtool.match.node_forward import Forward
+from mtool.match.node_forward import COLUMNS, Forward
 from mtool.match.nodes import FLOAT4_OID, MAX_ID_CHARS, NODE_COLUMNS, NodesResult
 
 log = logging.getLogger(__name__)
 BATCH_ROWS = 100_000  # rows per committed batch (the unit of resume)
 MODE = "nodes"  # import_jobs.mode of a nodes import (migration 0005)
-LOAD_COLUMNS = ("domain_id", "group_id", "reference_id", "type", "metadata", "embedding", "seq")
+LOAD_COLUMNS = (*COLUMNS, "seq")
 JSON_NEEDS_ESCAPE = r'["\\\x00-\x1f]'  # characters a JSON string must escape (RE2 syntax)
 
 
@@ -161,6 +161,7 @@ class _Run:
         self.mismatched = {}  # file index: (rows read this run, rows whose embedding length mismatched)
         self.dims = None
         self.keys = None  # this run's keys (load), when it saw every batch
+        self.groups: set[str] = set()  # and their groups
         self.forward: Forward | None = None  # this run's batches into `nodes` as they load (node_forward)
 
     def load(self, total: int) -> tuple[int, int]:
@@ -174,7 +175,7 @@ class _Run:
         done = self.session.run(self._checked_checkpoint, "read checkpoint")
         # the keys this run loads, to know at the commit whether any was read twice; a resumed
         # run has not seen its earlier batches' keys, and leaves that to the server
-        self.keys = None if done else []
+        self.keys, self.groups = (None, set()) if done else ([], set())
         self.close()  # a load retried after a lost connection: its forward, if any, is gone
         self.forward = None if done else Forward(self.db, self.table)
         with self.db.connect() as conn, self.db.connect(autocommit=True) as lookup:
@@ -182,11 +183,13 @@ class _Run:
             for fi, bi, rows, encoded in prefetched(self._encoded(done)):
                 if encoded is not None:
                     payload, good, rejects, keys = encoded
-                    if self.keys is not None:
-                        self.keys.append(keys)
                     part = self._commit_batch(conn, fi, bi, payload, good, rejects)
-                    if self.forward is not None:
-                        self.forward.send(part, good, _groups_of(keys))
+                    if self.keys is not None:  # a run that sees every batch (the forward's too)
+                        groups = _groups_of(keys)
+                        self.keys.append(keys)
+                        self.groups.update(groups)
+                        if self.forward is not None:
+                            self.forward.send(part, good, groups)
                     read, mismatched = self.mismatched.get(fi, (0, 0))
                     self.mismatched[fi] = (read + rows, mismatched + sum(r.get("kind") == "embedding length"
                                                                          for r in rejects))
@@ -275,8 +278,7 @@ class _Run:
         if self.keys is None:
             return True, None
         keys = pa.chunked_array(self.keys, pa.binary())
-        groups = pc.unique(pc.binary_slice(keys, 0, 16)).to_pylist()
-        return len(pc.unique(keys)) < len(keys), sorted(uuid.UUID(bytes=g) for g in groups)
+        return len(pc.unique(keys)) < len(keys), sorted(uuid.UUID(g) for g in self.groups)
 
     def commit(self, imported: int) -> None:
         """The load table into `nodes` with the job COMPLETED, in one transaction. A key read
@@ -306,8 +308,8 @@ class _Run:
                 groups = [g for g, in conn.execute(f"SELECT DISTINCT group_id FROM {self.table} ORDER BY 1")]
             for gid in groups:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key("nodes", str(gid)),))
-            insert = ("INSERT INTO nodes (domain_id, group_id, reference_id, type, metadata, embedding) "
-                      f"SELECT domain_id, group_id, reference_id, type, metadata, embedding FROM {self.table} l")
+            cols = ", ".join(COLUMNS)
+            insert = f"INSERT INTO nodes ({cols}) SELECT {cols} FROM {self.table} l"
             if conn.execute("SELECT EXISTS (SELECT 1 FROM nodes WHERE group_id = ANY(%s))", (groups,)).fetchone()[0]:
                 conn.execute(
                     f"UPDATE nodes n SET domain_id = l.domain_id, type = l.type, metadata = l.metadata, "
