@@ -94,13 +94,9 @@ def main() -> None:
     def run_mtool() -> float:
         opts = engine.MatchOptions(profile, Device.CPU, target_recall=args.target_recall,
                                    staging_dir=scratch_dir("mtool-bench-match-"))
-        stats: dict = {"widen_to": 0}
-        passes = 0
         t = time.perf_counter()
-        while stats["widen_to"] is not None:  # as engine._run_group: a pass short of the target is redone wider
-            passes += 1
-            nb, _ = engine.stage_matches(opts, profile, nodes, features, os.path.join(
-                opts.staging_dir, "bench", str(stats["widen_to"])), stats, floor=stats["widen_to"])
+        nb, _, stats = engine.stage_in_passes(opts, profile, nodes, features, os.path.join(opts.staging_dir, "bench"))
+        passes = stats["passes"]
         dt = time.perf_counter() - t
         plan = stats["quality"]["plans"][0]
         print(f"mtool (vectors + calibrated list-join candidates + exact rescoring): {n / dt:>9,.0f} nodes/s "
@@ -156,15 +152,13 @@ def run_family(args) -> None:
         features = enc.encode(profile, nodes)
         opts = engine.MatchOptions(profile, Device.CPU, target_recall=args.target_recall,
                                    staging_dir=scratch_dir("mtool-bench-family-"))
-        stats: dict = {"widen_to": 0}
         t = time.perf_counter()
-        while stats["widen_to"] is not None:  # as engine._run_group: a pass short of the target is redone wider
-            nb, _ = engine.stage_matches(opts, profile, nodes, features, os.path.join(
-                opts.staging_dir, kind, str(stats["widen_to"])), stats, floor=stats["widen_to"])
+        nb, _, stats = engine.stage_in_passes(opts, profile, nodes, features, os.path.join(opts.staging_dir, kind))
         dt = time.perf_counter() - t
         rec, same = family_recall(profile, nodes, features, nb, args.sample)
         q = stats["quality"]
-        plans = "; ".join(f"{p['queries']}q/{p['pool']}p level {p['level']} ({p['candidates']} cand.)"
+        plans = "; ".join(f"{p['queries']}q/{p['pool']}p level {p['level']} ({p['candidates']} cand."
+                          + {True: ", required filter", False: ", no filter needed", None: ""}[p["required_filter"]] + ")"
                           for p in q["plans"][:4]) + (f"; +{len(q['plans']) - 4} plans" if len(q["plans"]) > 4 else "")
         print(f"{kind:<10} recall@{args.k} {rec:.4f} (benchmark's sample; same nodes {same:.4f}) | estimate {q['recall_estimate']:.4f} "
               f"(lower {q['recall_lower_95']:.4f}) | {args.nodes / dt:>8,.0f} nodes/s ({dt:.1f} s, calibration "

@@ -55,10 +55,7 @@ def engine_only(n: int) -> None:
     t = time.perf_counter()
     features = enc.encode(profile, nodes)
     opts = engine.MatchOptions(profile, Device.CPU, staging_dir=scratch_dir("mtool-bench-e2e-engine-"))
-    stats: dict = {"widen_to": 0}
-    while stats["widen_to"] is not None:
-        engine.stage_matches(opts, profile, nodes, features, os.path.join(opts.staging_dir, str(stats["widen_to"])),
-                             stats, floor=stats["widen_to"], want_result=False)
+    engine.stage_in_passes(opts, profile, nodes, features, opts.staging_dir, want_result=False)
     print(json.dumps({"compute_s": time.perf_counter() - t}))
 
 

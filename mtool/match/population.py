@@ -38,7 +38,7 @@ def population(n: int, dim: int = 64, clusters: int | None = None, seed: int = 0
     return out
 
 
-FAMILY = ("today", "required", "missing", "wide", "highdim", "metadata", "ties", "bipartite")
+FAMILY = ("today", "required", "missing", "wide", "highdim", "metadata", "ties", "bipartite", "strict")
 
 
 def member(kind: str, n: int, seed: int, share: float | None = None) -> tuple[dict, dict]:
@@ -80,6 +80,9 @@ def member(kind: str, n: int, seed: int, share: float | None = None) -> tuple[di
         cols["age"] = [str(int(a) // 20 * 20) for a in cols["age"]]
         del profile["embedding"]
         cols["embedding"] = None
+    elif kind == "strict":  # a required numeric key and a required multi-value key
+        keys["age"]["required"] = True  # a pair whose ages differ by the scale or more is excluded
+        keys["interests"]["required"] = True  # a pair with no interest in common is excluded
     elif kind == "bipartite":  # a 30/70 split (or 5/95 .. 40/60)
         share = share if share is not None else float(rng.uniform(0.05, 0.4))
         cols["gender"] = np.where(rng.random(n) < share, "F", "M").tolist()

@@ -80,6 +80,7 @@ def quality_of(dsn, gid):
     ("missing", 5, 0.20),  # 20% of each key and of the embeddings missing
     ("bipartite", 6, 0.30),  # a 30/70 split
     ("wide", 7, None),  # keys with hundreds of values and items, the embedding weighted below them
+    ("strict", 4, None),  # a required numeric key (ages within 3) and a required multi-value key
 ])
 def test_recall_holds_and_the_recorded_estimate_agrees(dsn, files, kind, seed, share):
     gid = group(80 + seed)
@@ -94,6 +95,8 @@ def test_recall_holds_and_the_recorded_estimate_agrees(dsn, files, kind, seed, s
     assert abs(quality["recall_estimate"] - measured) <= 0.01, (kind, measured, quality)
     assert quality["warning"] is None and quality["recall_lower_95"] <= quality["recall_estimate"]
     assert "recall estimate" in proc.stderr
+    if kind == "strict":  # the search dropped the required keys' excluded pairs (search.RequiredKeys)
+        assert all(plan["required_filter"] for plan in quality["plans"]), quality
 
 
 def test_a_capped_search_ends_completed_with_a_warning(dsn, files):
@@ -156,10 +159,7 @@ def test_a_cycle_through_postgres_equals_the_engine_in_memory_row_for_row(dsn, f
     profile = prof.parse(spec)
     opts = engine.MatchOptions(profile, Device.CPU, staging_dir=str(tmp_path))
     features = enc.encode(profile, nodes)
-    stats: dict = {"widen_to": 0}
-    while stats["widen_to"] is not None:  # as the cycle: a pass short of the target is computed again wider
-        nb, sc = engine.stage_matches(opts, profile, nodes, features, str(tmp_path / str(stats["widen_to"])), stats,
-                                      floor=stats["widen_to"])
+    nb, sc, _ = engine.stage_in_passes(opts, profile, nodes, features, str(tmp_path))  # as the cycle computes it
     ids = nodes.reference_ids
     expected = sorted((ids[q], ids[m], float(s)) for q in range(len(ids)) for m, s in zip(nb[q], sc[q]) if m >= 0)
     expected = [(r, m, np.float32(s)) for r, m, s in expected]

@@ -108,3 +108,70 @@ def test_recall_counts_a_match_as_good_as_the_kth_best():
     found = (np.array([[4, 7, 8], [1, 2, 3]]), np.float32([[0.9, 0.8, 0.7], [0.5, 0.4, 0.3]]))
     hits, totals = calibrate.recall_hits(found, exact)
     assert hits.tolist() == [2, 1] and totals.tolist() == [3, 1]
+
+
+def required_features(n: int, seed: int):
+    """Features with a required numeric key (NaN where missing, values on and off the scale's
+    boundary), a required multi-value key over 100 items (two bitset words, some nodes without
+    the key or with an empty set) and a key every node has (so no pair lacks a common key)."""
+    from mtool.kernels.compat import Features
+
+    rng = np.random.default_rng(seed)
+    ages = rng.integers(18, 40, n).astype(np.float32) + rng.choice(np.float32([0, 0.1, 0.3]), n)
+    ages[rng.random(n) < 0.1] = np.nan
+    items = rng.random((n, 100)) < 0.1
+    bits = np.zeros((n, 2), np.uint64)
+    for word in range(2):
+        chunk = items[:, word * 64:(word + 1) * 64]
+        bits[:, word] = (chunk * (np.uint64(1) << np.arange(chunk.shape[1], dtype=np.uint64))).sum(axis=1,
+                                                                                                   dtype=np.uint64)
+    has = rng.random(n) > 0.1
+    bits[~has] = 0
+    return Features([(np.zeros(n, np.int32), 1.0, False)], [(ages, np.float32(3.2), 2.0, True)],
+                    [(bits, has, 1.5, True)])
+
+
+def test_required_keys_exclude_exactly_the_pairs_the_kernel_excludes():
+    from mtool.kernels import compat
+
+    n = 1500
+    features = required_features(n, seed=3)
+    pool = np.random.default_rng(4).permutation(n)  # list order: any permutation of the pool
+    queries = np.arange(0, n, 7)
+    allowed = search.RequiredKeys.of(features, pool).queries(queries)
+    rows = np.arange(len(queries))
+    scores = np.zeros((len(queries), n), np.float32)
+    allowed.exclude(scores, rows, 0, n)
+    kernel = compat.pair_scores(features, queries, np.broadcast_to(pool[None, :], (len(queries), n)))
+    assert 0.2 < np.isinf(kernel).mean() < 0.98  # both kinds of pair occur
+    assert np.array_equal(scores < 0, np.isinf(kernel))
+    # a profile without required numeric or multi-value keys searches unfiltered
+    assert search.RequiredKeys.of(compat.Features(features.categorical), pool) is None
+
+
+def test_a_filtered_search_keeps_the_best_allowed_candidates():
+    n = 6000
+    vectors = clustered(n, seed=5)
+    features = required_features(n, seed=6)
+    join = search.ListJoin(vectors)
+    pool = join.order  # node index of each list-order position
+    required = search.RequiredKeys.of(features, pool)
+    queries = np.arange(0, n, 31)
+    probes = join.pool_probes[queries]
+    found = join.search(vectors[queries], probes, 40, allowed=required.queries(queries))
+    for row, (q, lists, kept) in enumerate(zip(queries, probes, found)):
+        members = np.concatenate([np.arange(join.starts[lst], join.starts[lst + 1]) for lst in lists[lists >= 0]])
+        passing = members[_passes(features, q, pool[members])]
+        best = passing[np.argsort(-(join.vectors[passing] @ vectors[q]), kind="stable")[:40]]
+        kept = kept[kept >= 0]
+        if len(passing) >= 40:  # every slot holds an allowed pair, the best ones
+            assert set(kept.tolist()) == set(best.tolist())
+        else:  # the allowed pairs all, then excluded ones (the kernel drops them at rescoring)
+            assert set(best.tolist()) <= set(kept.tolist())
+
+
+def _passes(features, q: int, nodes: np.ndarray) -> np.ndarray:
+    """Whether the pairs (q, nodes) pass the required keys, by the kernel."""
+    from mtool.kernels import compat
+
+    return ~np.isinf(compat.pair_scores(features, np.array([q]), nodes[None, :])[0])
