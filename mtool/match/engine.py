@@ -22,6 +22,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -300,25 +301,29 @@ def _run_group(session, db, opts, group, features, cycle_id, stats: dict, timing
         return _skip(session, gid, cycle_id, n, reason, timings)
     t = time.monotonic()
     root = cycles.staging_path(opts.staging_dir, cycle_id, gid)
-    floor, passes = 0, 0
+    passes, previous = 0, None
     while True:
-        staging = pass_staging(root, floor, stats)
         passes += 1
+        staging = pass_staging(root, passes)
         writer = load = None
         if not opts.output:  # edges stream into a fresh load table as blocks finish (mtool/match/writer.py)
             load = db.retry(lambda: open_load_table(db, gid, cycle_id), "create load table")
             writer = EdgeWriter(db, load, group, staging, opts.block_rows)
         try:
-            neighbors, scores = stage_matches(opts, profile, group, features, staging, stats, floor=floor,
+            neighbors, scores = stage_matches(opts, profile, group, features, staging, stats,
                                               on_block=writer.send if writer else None,
-                                              want_result=bool(opts.output))
+                                              want_result=bool(opts.output),
+                                              redo=stats.get("redo") if previous else None, previous=previous)
             quality = dict(stats["quality"], passes=passes)
-            if stats["widen_to"] is not None:
-                log.warning("group %s: recall estimate %.4f is below the target %s: computing it again with a wider "
-                            "search (level %d%s)", gid, quality["recall_estimate"], opts.target_recall,
-                            stats["widen_to"], ", required keys filtered" if stats.get("filter") else "",
+            if stats["redo"] is not None:
+                log.warning("group %s: recall estimate %.4f is below the target %s: computing %d of its %d search "
+                            "plans again with a wider search (%s), keeping the others", gid,
+                            quality["recall_estimate"], opts.target_recall, len(stats["redo"]),
+                            len(stats["plan_qualities"]), ", ".join(
+                                f"plan {p}: level {lv}" + (", required keys filtered" if f else "")
+                                for p, (lv, f) in sorted(stats["redo"].items())),
                             extra={"group_id": gid, "cycle_id": cycle_id})
-                floor = stats["widen_to"]
+                previous = staging
                 continue  # the finally below stops this pass's writer; its load table is made anew
             for key, name in (("graph_build_s", "lists_s"), ("calibration_s", "calibration_s"),
                               ("search_s", "search_s"), ("rescore_s", "rescore_s"), ("check_s", "check_s")):
@@ -416,25 +421,32 @@ class Plan:
     level: int = calibrate.EXACT
     quality: calibrate.PlanQuality | None = None
     required: RequiredKeys | None = None  # the search's filter of required numeric and multi-value keys
+    kept: bool = False  # met the target in the previous pass: its rows are copied from there
 
 
-def _plans(opts, profile, group, features, stats: dict) -> tuple[list, np.ndarray | None, object]:
+def _plans(opts, profile, group, features, stats: dict, kept: Kept | None = None) -> tuple[list, np.ndarray | None,
+                                                                                           object]:
     """The search plans; the search vectors by node where the queries need them (bipartite
     mode, pools split by a required key, nodes lacking keys; for one symmetric pool the join's
     list-order copy serves, 376 MB less at 1M nodes); and the enc.Presence the joins normalise
-    with where nodes lack keys (else None)."""
+    with where nodes lack keys (else None). The plans `kept` names build no search: their
+    queries keep the previous pass's order, their rows are copied from it."""
     n = len(group)
     vecs = missing = None  # missing: an enc.Presence where nodes lack keys (else the plain vectors rank right)
     plans = []
     blocks = enc.layout(features)  # computed once: the spans and the vectors share it
     spans = enc.key_spans(features, blocks)
     dims = spans[-1][1] if spans else 0  # of the search vectors
+    first = 0  # the plan's first row of the order
     for queries, pool in _sides(profile, group, features):
         if len(queries) == 0 or len(pool) == 0:
             continue
         plan = Plan(queries, pool)
         sample = calibrate.sample_size(opts.recall_sample, len(pool))
-        if not exact_plan(len(queries), len(pool), dims, profile.k, sample + calibrate.calibration_size(sample)):
+        first += len(queries)
+        if kept is not None and len(plans) in kept.plans:
+            plan = Plan(kept.order[first - len(queries):first], pool, kept=True)
+        elif not exact_plan(len(queries), len(pool), dims, profile.k, sample + calibrate.calibration_size(sample)):
             t_build = time.monotonic()
             if vecs is None:
                 vecs = enc.vectors(profile, features, n, blocks)
@@ -456,6 +468,23 @@ def _plans(opts, profile, group, features, stats: dict) -> tuple[list, np.ndarra
         plans.append(plan)
     whole = len(plans) == 1 and len(plans[0].pool) == n and not profile.bipartite and missing is None
     return plans, (None if whole else vecs), missing
+
+
+class Kept(NamedTuple):
+    """What a pass takes over from the previous one: the plans that met the target there (plan
+    numbers), the previous pass's processing order and its staged neighbours and scores."""
+    plans: frozenset
+    order: np.ndarray
+    neighbors: object
+    scores: object
+
+    @classmethod
+    def of(cls, previous: str, redo: dict, plans: int) -> "Kept":
+        import zarr
+
+        return cls(frozenset(range(plans)) - set(redo), np.load(os.path.join(previous, "order.npy")),
+                   zarr.open_array(os.path.join(previous, "neighbors.zarr"), mode="r"),
+                   zarr.open_array(os.path.join(previous, "scores.zarr"), mode="r"))
 
 
 def exact_plan(queries: int, pool: int, dims: int, k: int, sample: int) -> bool:
@@ -501,7 +530,7 @@ def _staging_array(staging: str, name: str, rows: int, k: int, block: int, dtype
 
 
 def stage_matches(opts, profile, group, features, staging: str, stats: dict | None = None, on_block=None,
-                  want_result: bool = True, floor: int = 0):
+                  want_result: bool = True, redo: dict | None = None, previous: str | None = None):
     """Top-K of every node into Zarr arrays under `staging`, block by block, resumable.
 
     Nodes are processed in a fixed order (by side, then by first probed list for large pools),
@@ -509,20 +538,25 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     the same nodes when a killed run resumes. The arrays are indexed by processing position.
     Blocks run on `opts.threads` threads (NumPy, BLAS and FAISS release the GIL), each owning
     its Zarr chunk; `on_block(b)` is called as each block is done (the commit's COPY feed).
-    Each approximate plan is calibrated first (its search width, from `floor` up) and checked
-    after (calibrate.py): stats["quality"] gets the recall estimate, and stats["widen_to"] the
-    level to compute the group again from when a plan fell short and a wider level is allowed.
+    Each approximate plan is calibrated first (its search width) and checked after
+    (calibrate.py): stats["quality"] gets the recall estimate, and stats["redo"] the plans to
+    compute again in a next pass, where one fell short and a wider search is allowed (plan
+    number: (lowest level, required keys' filter)), else None. A next pass gets that `redo` and
+    the `previous` pass's staging folder: the other plans' rows are copied from there.
     Returns the (n, k) neighbours and scores by node when `want_result`, else (None, None)."""
     xp = opts.device.xp
     stats = {} if stats is None else stats
     n, k = len(group), profile.k
     os.makedirs(os.path.join(staging, "done"), exist_ok=True)
     block = opts.block_rows
-    plans, vecs, presence = _plans(opts, profile, group, features, stats)
+    kept = None if redo is None else Kept.of(previous, redo, len(stats["plan_qualities"]))
+    plans, vecs, presence = _plans(opts, profile, group, features, stats, kept)
     work = _work_order(plans, n)
     position = np.empty(n, np.int64)
     position[work] = np.arange(n)
     order = _saved_order(staging, plans)
+    if kept is not None and not np.array_equal(order, kept.order):
+        raise RuntimeError("a pass's processing order differs from the previous pass's: its plans cannot be kept")
     plan_starts = np.cumsum([0] + [len(plan.queries) for plan in plans])
     staged_nb = _staging_array(staging, "neighbors.zarr", len(order), k, block, "int32", -1)
     staged_sc = _staging_array(staging, "scores.zarr", len(order), k, block, "float32", float("-inf"))
@@ -577,14 +611,18 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     t_cal = time.monotonic()
     checks = {}  # plan number: (verification sample, its exact top K)
     for p, plan in enumerate(plans):
+        if plan.kept:
+            plan.quality = stats["plan_qualities"][p]
+            continue
         plan.quality = calibrate.PlanQuality(len(plan.queries), len(plan.pool), calibrate.EXACT, len(plan.pool))
         if plan.join is None:
             continue
+        floor, filtered = (redo or {}).get(p, (0, False))
         levels = calibrate.allowed_levels(k, len(plan.pool), floor, opts.max_candidates)
         sample_a, sample_b = calibrate.samples(plan.queries, calibrate.sample_size(opts.recall_sample, len(plan.pool)),
                                                salt=p)
         exact_a = exact_top_k(plan, sample_a)
-        if plan.required is not None and stats.get("filter"):
+        if plan.required is not None and filtered:
             plan.quality.filtered = True  # an earlier pass fell short without the filter
         elif plan.required is not None and calibrate.LEVELS[levels[0]] is not None and not calibrate.needs_filter(
                 levels[0], opts.target_recall, sample_a, exact_a,
@@ -632,6 +670,10 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         out_nb = np.full((stop - start, k), -1, np.int32)
         out_sc = np.full((stop - start, k), -np.inf, np.float32)
         for p, plan, lo, hi in plan_rows(start, stop):
+            if plan.kept:  # as the previous pass staged them (the same order)
+                out_nb[lo - start:hi - start] = kept.neighbors[lo:hi]
+                out_sc[lo - start:hi - start] = kept.scores[lo:hi]
+                continue
             candidates = None  # an exact pool: all of it
             if p in found:
                 at, rows = found[p]
@@ -724,37 +766,48 @@ def stage_in_passes(opts, profile, group, features, root: str, stats: dict | Non
     of `root`. For benchmarks and tests that compare with the engine alone. Returns the last
     pass's (neighbours, scores) and `stats` (its "passes" counted)."""
     stats = {} if stats is None else stats
-    stats.update(widen_to=0, passes=0)
-    while stats["widen_to"] is not None:
+    stats.update(passes=1)
+    previous = None
+    while True:
+        staging = pass_staging(root, stats["passes"])
+        nb, sc = stage_matches(opts, profile, group, features, staging, stats, want_result=want_result,
+                               redo=stats.get("redo") if previous else None, previous=previous)
+        if stats["redo"] is None:
+            return nb, sc, stats
         stats["passes"] += 1
-        nb, sc = stage_matches(opts, profile, group, features, pass_staging(root, stats["widen_to"], stats), stats,
-                               floor=stats["widen_to"], want_result=want_result)
-    return nb, sc, stats
+        previous = staging
 
 
-def pass_staging(root: str, floor: int, stats: dict) -> str:
-    """The staging folder of one pass of a group (from its level floor, with or without the
-    required keys' filter), so that a killed run resumes the pass it was in."""
-    return os.path.join(root, f"from-level-{floor}" + ("-filtered" if stats.get("filter") else ""))
+def pass_staging(root: str, number: int) -> str:
+    """The staging folder of a group's pass `number` (from 1), so that a killed run resumes the
+    pass it was in (the passes before it are found complete and give the same decisions)."""
+    return os.path.join(root, f"pass-{number}")
 
 
 def _summarise_quality(opts, plans, stats: dict) -> None:
     """The group's recall: its worst plan's estimate (both sides of a bipartite group, every
     value of a required key must keep the target); where it fell short, the level to redo from
     or, at the widest allowed, a warning."""
-    qualities = [plan.quality for plan in plans if plan.quality is not None]
+    qualities = [plan.quality for plan in plans]
     worst = min(qualities, key=lambda q: q.recall, default=None)
     short = [q for q in qualities if q.recall < opts.target_recall]
-    # The check is strict where calibration was lenient: below the target on sample B, a wider
-    # search is run where one is allowed (seen: 0.982 on A at the narrowest, 0.971 delivered).
-    # A plan that searched without its required keys' filter gets the filter first, at the same
-    # level (strict member of population.FAMILY at 100,000 nodes: 0.970 delivered unfiltered at
-    # the narrowest level after 0.981 on A; widening unfiltered took three more passes).
-    unfiltered = [q.level for q in short if q.filtered is False]
-    wider = unfiltered + [q.level + 1 for q in short if not q.widest and q.filtered is not False]
-    if unfiltered:
-        stats["filter"] = True
-    stats["widen_to"] = max(wider) if wider else None
+    # The check is strict where calibration was lenient: below the target on sample B, a plan is
+    # computed again wider where a wider search is allowed (seen: 0.982 on A at the narrowest,
+    # 0.971 delivered); the plans that met it are kept. A plan that searched without its
+    # required keys' filter gets the filter first, at the same level (strict member of
+    # population.FAMILY at 100,000 nodes: 0.970 delivered unfiltered at the narrowest level
+    # after 0.981 on A; widening unfiltered took three more passes).
+    redo = {}
+    for p, q in enumerate(qualities):
+        if q.recall >= opts.target_recall:
+            continue
+        if q.filtered is False:
+            redo[p] = (q.level, True)
+        elif not q.widest:
+            redo[p] = (q.level + 1, bool(q.filtered))
+    wider = list(redo)
+    stats["redo"] = redo or None
+    stats["plan_qualities"] = qualities
     warning = None
     if short and not wider:
         warning = (f"recall estimate {worst.recall:.4f} (95% lower bound {worst.lower_95:.4f}) is below the target "

@@ -70,8 +70,8 @@ def stored_ids(dsn, gid):
 
 def quality_of(dsn, gid):
     with psycopg.connect(dsn) as conn:
-        return conn.execute("SELECT quality FROM match_cycles WHERE group_id = %s AND status = 'COMPLETED'",
-                            (gid,)).fetchone()[0]
+        return conn.execute("SELECT quality FROM match_cycles WHERE group_id = %s AND status = 'COMPLETED' "
+                            "ORDER BY finished_at DESC LIMIT 1", (gid,)).fetchone()[0]  # the latest
 
 
 @pytest.mark.parametrize("kind,seed,share", [
@@ -165,3 +165,46 @@ def test_a_cycle_through_postgres_equals_the_engine_in_memory_row_for_row(dsn, f
     expected = [(r, m, np.float32(s)) for r, m, s in expected]
     assert len(stored) == len(expected) > 20_000 * 10
     assert stored == expected
+
+
+def test_a_plan_short_of_the_target_is_computed_again_wider_and_the_others_are_kept(dsn, files):
+    """A group split by a required key into three plans (two searched, the rare value's scored
+    whole). At --target-recall 0.995 the check finds the larger searched plan short: the next
+    pass computes that plan again one level wider and copies the other plans' rows from the first
+    pass, which are the rows the default target's one-pass cycle wrote for them. Killed inside
+    the second pass, the cycle resumes to the same rows."""
+    gid = group(95)
+    spec, nodes = import_member(dsn, files, gid, "required", 4, 0.05)
+    path = profile_file(files, spec, "required-split.yaml")
+    run_mtool(["match", "--profile", path], dsn, check_rc=0)
+    one_pass, one_quality = stored_with_scores(dsn, gid), quality_of(dsn, gid)
+    assert one_quality["passes"] == 1
+    args = ["match", "--profile", path, "--target-recall", "0.995", "--block-rows", "1000", "--force"]
+    proc = run_mtool(args, dsn, check_rc=0)
+    assert "computing 1 of its 3 search plans again with a wider search (plan 1: level 1), keeping the others" \
+        in proc.stderr
+    two_passes, quality = stored_with_scores(dsn, gid), quality_of(dsn, gid)
+    assert quality["passes"] == 2 and quality["warning"] is None and quality["recall_estimate"] >= 0.995, quality
+    assert [p["level"] for p in quality["plans"]] == [0, 1, 5]  # level 5: the rare value's pool scored whole
+    assert [p["level"] for p in one_quality["plans"]] == [0, 0, 5]
+    redone = {ref for ref, value in zip(nodes.reference_ids, nodes.metadata["plan"]) if value == "b"}
+    assert len(redone) == quality["plans"][1]["queries"]
+    kept = set(one_pass) - redone
+    assert kept and all(two_passes[ref] == one_pass[ref] for ref in kept)
+    assert sum(two_passes[ref] != one_pass[ref] for ref in redone) > 0
+    assert reference_recall(spec, nodes, {ref: {m for m, _ in lst} for ref, lst in two_passes.items()}) >= 0.99
+    # killed in the second pass (12 blocks a pass), the same command resumes to the same rows
+    assert run_mtool(args, dsn, env={"MTOOL_CRASH_AT": "match-block-done:14"}).returncode == -9
+    run_mtool(args, dsn, check_rc=0)
+    assert stored_with_scores(dsn, gid) == two_passes and quality_of(dsn, gid)["passes"] == 2
+
+
+def stored_with_scores(dsn, gid) -> dict:
+    """Each node's stored matches with their scores, best first."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT reference_id, matched_reference_id, compatibility_score FROM potential_matches "
+                            "WHERE group_id = %s ORDER BY 1, 3 DESC, 2", (gid,)).fetchall()
+    out: dict = {}
+    for ref, m, score in rows:
+        out.setdefault(ref, []).append((m, score))
+    return out
