@@ -161,7 +161,7 @@ def run_family(args) -> None:
                           + {True: ", required filter", False: ", no filter needed", None: ""}[p["required_filter"]] + ")"
                           for p in q["plans"][:4]) + (f"; +{len(q['plans']) - 4} plans" if len(q["plans"]) > 4 else "")
         print(f"{kind:<10} recall@{args.k} {rec:.4f} (benchmark's sample; same nodes {same:.4f}) | estimate {q['recall_estimate']:.4f} "
-              f"(lower {q['recall_lower_95']:.4f}) | {args.nodes / dt:>8,.0f} nodes/s ({dt:.1f} s, calibration "
+              f"(lower {q['recall_lower_95']:.4f}) | {args.nodes / dt:>8,.0f} nodes/s ({dt:.1f} s, {stats['passes']} pass(es), calibration "
               f"{stats.get('calibration_s', 0):.1f} s, check {stats.get('check_s', 0):.1f} s) | peak RSS "
               f"{peak_rss_mib()} MiB | {plans}" + (f" | WARNING {q['warning']}" if q["warning"] else ""), flush=True)
         if worst is None or rec < worst[1]:

@@ -21,7 +21,7 @@ import shutil
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -430,9 +430,14 @@ def _plans(opts, profile, group, features, stats: dict, kept: Kept | None = None
     mode, pools split by a required key, nodes lacking keys; for one symmetric pool the join's
     list-order copy serves, 376 MB less at 1M nodes); and the enc.Presence the joins normalise
     with where nodes lack keys (else None). The plans `kept` names build no search: their
-    queries keep the previous pass's order, their rows are copied from it."""
+    queries keep the previous pass's order, their rows are copied from it. A plan computed
+    again takes its lists and probes from stats["search_cache"] (they do not depend on the
+    level; at 1M nodes they take 7-10 s)."""
     n = len(group)
     vecs = missing = None  # missing: an enc.Presence where nodes lack keys (else the plain vectors rank right)
+    cache = stats.setdefault("search_cache", {})
+    if "vectors" in cache:
+        vecs, missing = cache["vectors"]
     plans = []
     blocks = enc.layout(features)  # computed once: the spans and the vectors share it
     spans = enc.key_spans(features, blocks)
@@ -446,6 +451,8 @@ def _plans(opts, profile, group, features, stats: dict, kept: Kept | None = None
         first += len(queries)
         if kept is not None and len(plans) in kept.plans:
             plan = Plan(kept.order[first - len(queries):first], pool, kept=True)
+        elif len(plans) in cache:
+            plan = replace(cache[len(plans)])
         elif not exact_plan(len(queries), len(pool), dims, profile.k, sample + calibrate.calibration_size(sample)):
             t_build = time.monotonic()
             if vecs is None:
@@ -464,9 +471,11 @@ def _plans(opts, profile, group, features, stats: dict, kept: Kept | None = None
             by_list = np.argsort(probes[:, 0], kind="stable")  # neighbours share lists: cache-friendly blocks
             plan = Plan(queries[by_list], pool[join.order], join, probes[by_list], level=0)
             plan.required = RequiredKeys.of(features, plan.pool)
+            cache[len(plans)] = replace(plan)
             stats["graph_build_s"] = stats.get("graph_build_s", 0.0) + time.monotonic() - t_build
         plans.append(plan)
     whole = len(plans) == 1 and len(plans[0].pool) == n and not profile.bipartite and missing is None
+    cache["vectors"] = (None if whole else vecs), missing
     return plans, (None if whole else vecs), missing
 
 
@@ -592,6 +601,14 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
             parts = list(pool.map(part, chunks))
         return to_nodes(np.concatenate([nb for nb, _ in parts])), np.concatenate([sc for _, sc in parts])
 
+    def sample_top_k(plan, p, name, sample):
+        """A sample's exact top K, computed once a cycle: a pass that computes the plan again
+        draws the same sample."""
+        cache = stats["search_cache"]
+        if (name, p) not in cache:
+            cache[name, p] = exact_top_k(plan, sample)
+        return cache[name, p]
+
     def terms(nodes):
         return None if presence is None else presence.query_terms(nodes)
 
@@ -621,7 +638,7 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         levels = calibrate.allowed_levels(k, len(plan.pool), floor, opts.max_candidates)
         sample_a, sample_b = calibrate.samples(plan.queries, calibrate.sample_size(opts.recall_sample, len(plan.pool)),
                                                salt=p)
-        exact_a = exact_top_k(plan, sample_a)
+        exact_a = sample_top_k(plan, p, "calibration", sample_a)
         if plan.required is not None and filtered:
             plan.quality.filtered = True  # an earlier pass fell short without the filter
         elif plan.required is not None and calibrate.LEVELS[levels[0]] is not None and not calibrate.needs_filter(
@@ -636,7 +653,7 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         if calibrate.LEVELS[level] is None:
             plan.join = plan.probes = None  # exact fallback: the whole (contiguous) pool
         else:
-            checks[p] = (sample_b, exact_top_k(plan, sample_b))
+            checks[p] = (sample_b, sample_top_k(plan, p, "check", sample_b))
             if level > 0:
                 plan.probes = plan.join.probes(query_vectors(plan, plan.queries), calibrate.LEVELS[level],
                                                terms(plan.queries))
@@ -808,6 +825,11 @@ def _summarise_quality(opts, plans, stats: dict) -> None:
     wider = list(redo)
     stats["redo"] = redo or None
     stats["plan_qualities"] = qualities
+    cache = stats.get("search_cache", {})  # only the plans computed again need theirs
+    for key in [key for key in cache if key != "vectors" and (key[1] if isinstance(key, tuple) else key) not in redo]:
+        del cache[key]
+    if not redo:
+        stats.pop("search_cache", None)
     warning = None
     if short and not wider:
         warning = (f"recall estimate {worst.recall:.4f} (95% lower bound {worst.lower_95:.4f}) is below the target "
