@@ -24,7 +24,10 @@
   nodes); a cluster join without per-query probes (one product per cluster against its
   centroid's nearest clusters) reached only 0.947 recall@20; lists of 1024 nodes were slower
   for the same recall; PCA of the vectors to 64 dims cut recall to 0.957.
-- On a GPU the same lists and probes feed a FAISS GPU IVF index (its scan is the fast path there).
+- On a GPU the same lists and each query's own probes feed a FAISS GPU IVF index
+  (`search_preassigned`: its scan is the fast path there; required numeric and multi-value keys
+  are then excluded at rescoring only). Until this session the GPU index searched one fixed
+  probe count for every query and every width.
 Candidates are then rescored exactly by the caller.
 """
 
@@ -114,11 +117,11 @@ class ListJoin:
         self.order = np.argsort(nearest, kind="stable")
         self.starts = np.searchsorted(nearest[self.order], np.arange(self.nlist + 1))
         self.vectors = np.take(pool_vectors, self.order, axis=0)  # 2x faster than fancy indexing here
-        self.gpu_index = None
+        self.ivf_index = None  # a FAISS IVF index of these lists (the GPU's scan)
         self.presence = None
         self.denominator = None
         if device is not None and device.value == "gpu":
-            self.gpu_index = self._gpu_ivf(d)
+            self.ivf_index = self.faiss_ivf(gpu=True)
 
     def normalise(self, has: np.ndarray, total: np.ndarray, constant: np.ndarray,
                   denominator: float | None = None) -> None:
@@ -179,9 +182,8 @@ class ListJoin:
         Thread-safe: blocks may run concurrently."""
         import faiss
 
-        if self.gpu_index is not None:  # FAISS GPU: required keys exclude at rescoring only
-            _, found = self.gpu_index.search(np.ascontiguousarray(query_vectors), count)
-            return found
+        if self.ivf_index is not None:  # required keys exclude at rescoring only here
+            return self.ivf_search(query_vectors, probes, count)
         heap = faiss.ResultHeap(len(query_vectors), count, keep_max=True)
         self.scan(heap, query_vectors, probes, count, terms, allowed=allowed)
         return heap.I  # in heap order, not sorted: the caller rescores them all anyway
@@ -232,16 +234,34 @@ class ListJoin:
                     r, scores = r[hit], scores[hit]
                 heap.add_result_subset(r, scores, np.arange(a + base, b + base, dtype=np.int64))
 
-    def _gpu_ivf(self, d):
+    def faiss_ivf(self, gpu: bool):
+        """The same lists as a FAISS IndexIVFFlat (on the GPU where `gpu`): each node added to its
+        own list (not assigned again by the quantizer), with its list-order position as id."""
         import faiss
 
-        quantizer = faiss.IndexFlatIP(d)
+        quantizer = faiss.IndexFlatIP(self.vectors.shape[1])
         quantizer.add(self.centroid_vectors)
-        index = faiss.IndexIVFFlat(quantizer, d, self.nlist, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexIVFFlat(quantizer, self.vectors.shape[1], self.nlist, faiss.METRIC_INNER_PRODUCT)
         index.is_trained = True
-        index.add_with_ids(self.vectors, np.arange(len(self.vectors), dtype=np.int64))  # list-order ids
-        index.nprobe = self.probe_max  # FAISS GPU takes one nprobe for all queries
-        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        lists = np.repeat(np.arange(self.nlist, dtype=np.int64), np.diff(self.starts))
+        ids = np.arange(len(self.vectors), dtype=np.int64)
+        # add_core, not faiss.contrib's add_preassigned: that one drops its last reference to
+        # the ids before FAISS reads them (seen: garbage ids in every list but the first few)
+        index.add_core(len(ids), faiss.swig_ptr(self.vectors), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+        if gpu:
+            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        return index
+
+    def ivf_search(self, query_vectors: np.ndarray, probes: np.ndarray, count: int) -> np.ndarray:
+        """ListJoin.search through the FAISS IVF index: each query scans exactly its own probes
+        (its adaptive lists at the calibrated width, -1 past them, which FAISS skips), as the CPU
+        join does. Called from one thread at a time (the GPU path runs its blocks in turn)."""
+        from faiss.contrib import ivf_tools
+
+        self.ivf_index.nprobe = probes.shape[1]
+        _, found = ivf_tools.search_preassigned(self.ivf_index, np.ascontiguousarray(query_vectors, np.float32), count,
+                                                np.ascontiguousarray(probes, np.int64))
+        return found
 
 
 PATTERN_MIN = LIST_SIZE  # pool nodes a presence pattern needs for a join of its own

@@ -175,3 +175,37 @@ def _passes(features, q: int, nodes: np.ndarray) -> np.ndarray:
     from mtool.kernels import compat
 
     return ~np.isinf(compat.pair_scores(features, np.array([q]), nodes[None, :])[0])
+
+
+def faiss_gpus() -> int:
+    import faiss
+
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+@pytest.mark.parametrize("level", [0, 2])
+@pytest.mark.parametrize("on_gpu", [False, pytest.param(True, marks=[
+    pytest.mark.gpu, pytest.mark.skipif(faiss_gpus() == 0, reason="no CUDA GPU for FAISS")])])
+def test_the_gpu_path_searches_the_same_lists_and_probes_through_a_faiss_ivf_index(level, on_gpu):
+    """The GPU path's scan (ListJoin.faiss_ivf + ivf_search: FAISS IVF with each query's own
+    probes at the calibrated width), with FAISS's CPU IVF here and its GPU IVF where there is
+    one: it keeps the same candidates as the CPU join, at the narrowest width and at a wider
+    one, with the lists a query skips."""
+    vectors = clustered(12_000, seed=7)
+    join = search.ListJoin(vectors)
+    join.ivf_index = join.faiss_ivf(gpu=on_gpu)
+    queries = np.arange(0, len(vectors), 11)
+    setting = search.LADDER[level]
+    probes = join.probes(vectors[queries], setting)
+    assert (probes == -1).any() and (probes[:, 0] >= 0).all()  # adaptive: rows scan different counts
+    count = 20 * setting.oversample
+    by_ivf = join.search(vectors[queries], probes, count)  # ivf_index set: the GPU path's code
+    join.ivf_index = None
+    by_join = join.search(vectors[queries], probes, count)
+    for q, a, b in zip(queries, by_ivf, by_join):
+        a, b = a[a >= 0], b[b >= 0]
+        assert len(a) == len(b) == count
+        # the same best scores (ties may be kept in another order), from the probed lists only
+        assert np.allclose(np.sort(join.vectors[a] @ vectors[q]), np.sort(join.vectors[b] @ vectors[q]),
+                           rtol=0, atol=1e-5)
+        assert len(np.intersect1d(a, b)) >= count - 2
