@@ -463,7 +463,7 @@ def _plans(opts, profile, group, features, stats: dict, kept: Kept | None = None
                 if not presence.complete:
                     missing = presence
             if missing is not None:
-                join = PatternJoin(vecs, missing, pool, spans, profile.missing == "zero", opts.threads)
+                join = PatternJoin(vecs, missing, pool, spans, profile.missing == "zero", opts.threads, opts.device)
                 probes = join.probes(vecs[queries], None, missing.query_terms(queries))
             else:
                 join = ListJoin(vecs if len(pool) == n else vecs[pool], opts.device, opts.threads)  # no copy

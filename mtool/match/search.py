@@ -183,7 +183,7 @@ class ListJoin:
         import faiss
 
         if self.ivf_index is not None:  # required keys exclude at rescoring only here
-            return self.ivf_search(query_vectors, probes, count)
+            return self.ivf_search(query_vectors, probes, count)[1]
         heap = faiss.ResultHeap(len(query_vectors), count, keep_max=True)
         self.scan(heap, query_vectors, probes, count, terms, allowed=allowed)
         return heap.I  # in heap order, not sorted: the caller rescores them all anyway
@@ -252,16 +252,16 @@ class ListJoin:
             index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
         return index
 
-    def ivf_search(self, query_vectors: np.ndarray, probes: np.ndarray, count: int) -> np.ndarray:
+    def ivf_search(self, query_vectors: np.ndarray, probes: np.ndarray, count: int):
         """ListJoin.search through the FAISS IVF index: each query scans exactly its own probes
         (its adaptive lists at the calibrated width, -1 past them, which FAISS skips), as the CPU
-        join does. Called from one thread at a time (the GPU path runs its blocks in turn)."""
+        join does. Returns (inner products, list-order positions), -1 past the lists' nodes.
+        Called from one thread at a time (the GPU path runs its blocks in turn)."""
         from faiss.contrib import ivf_tools
 
         self.ivf_index.nprobe = probes.shape[1]
-        _, found = ivf_tools.search_preassigned(self.ivf_index, np.ascontiguousarray(query_vectors, np.float32), count,
-                                                np.ascontiguousarray(probes, np.int64))
-        return found
+        return ivf_tools.search_preassigned(self.ivf_index, np.ascontiguousarray(query_vectors, np.float32), count,
+                                            np.ascontiguousarray(probes, np.int64))
 
 
 PATTERN_MIN = LIST_SIZE  # pool nodes a presence pattern needs for a join of its own
@@ -292,7 +292,7 @@ class PatternJoin:
     setting; see the README for this one. On a GPU the patterns are searched on the CPU."""
 
     def __init__(self, vectors: np.ndarray, presence, pool: np.ndarray, spans: list, missing_zero: bool,
-                 threads: int | None = None):
+                 threads: int | None = None, device=None):
         """`vectors`: every node's search vectors (a key's block is zero where the node lacks it);
         `presence`: encode.Presence of every node; `pool`: the pool's node indices; `spans`: each
         key's (start, stop) columns, in `presence`'s key order."""
@@ -312,7 +312,7 @@ class PatternJoin:
                 rare.append(members)
                 continue
             columns = np.concatenate([np.arange(*spans[key]) for key in np.flatnonzero(patterns[p])])
-            join = ListJoin(vectors[np.ix_(pool[members], columns)], None, threads)
+            join = ListJoin(vectors[np.ix_(pool[members], columns)], device, threads)  # GPU: a FAISS IVF index
             self.parts.append(_Part(patterns[p].astype(np.float32), columns, join, first_list, sum(map(len, order))))
             order.append(members[join.order])
             first_list += join.nlist
@@ -359,7 +359,10 @@ class PatternJoin:
 
     def search(self, query_vectors: np.ndarray, probes: np.ndarray, count: int, terms=None,
                allowed=None) -> np.ndarray:
-        """As ListJoin.search, over every part, one heap per query by the formula's score."""
+        """As ListJoin.search, over every part, one heap per query by the formula's score. A part
+        with a FAISS IVF index (GPU) gives its own best `count` by inner product, which within a
+        part ranks as the formula does (the part's affine map has a positive slope), mapped to
+        the formula's score and merged into the heap: the same candidates as scanning it here."""
         import faiss
 
         heap = faiss.ResultHeap(len(query_vectors), count, keep_max=True)
@@ -374,6 +377,12 @@ class PatternJoin:
             if shares is not None:
                 mine = np.where(shares[:, None], mine, -1)
             if not (mine >= 0).any():
+                continue
+            if join.ivf_index is not None:
+                inner, found = join.ivf_search(self._query(part, query_vectors), mine, count)
+                scores = inner * affine[0][:, None] + affine[1][:, None]
+                heap.add_result(np.where(found >= 0, scores, -np.inf).astype(np.float32),
+                                np.where(found >= 0, found + first_position, -1))
                 continue
             join.scan(heap, self._query(part, query_vectors), mine, count, terms, affine, first_position,
                       fresh=i == 0, allowed=allowed)

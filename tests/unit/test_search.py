@@ -9,6 +9,12 @@ import pytest
 from mtool.match import search
 
 
+def faiss_gpus() -> int:
+    import faiss
+
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
 def clustered(n: int, d: int = 24, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(max(4, n // 400), d)).astype(np.float32)
@@ -68,10 +74,15 @@ def test_take_rows_is_a_view_only_for_a_run_of_consecutive_rows():
     assert search.take_rows(array, np.array([], np.int64)).shape == (0, 4)
 
 
-def test_pattern_join_ranks_by_the_formula_where_nodes_lack_keys():
+@pytest.mark.parametrize("ivf", ["scan", "faiss-cpu", pytest.param("faiss-gpu", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(faiss_gpus() == 0, reason="no CUDA GPU for FAISS")])])
+def test_pattern_join_ranks_by_the_formula_where_nodes_lack_keys(ivf):
     """Nodes lacking keys (of several presence patterns, a rare one among them): with every list
     probed, each query keeps the best candidates by the formula's score on the search vectors,
-    (q . c + constant of the shared keys) / weight of the shared keys, as brute force gives."""
+    (q . c + constant of the shared keys) / weight of the shared keys, as brute force gives.
+    Also where the patterns' joins are FAISS IVF indexes (the GPU path, run with FAISS's CPU IVF
+    here): each part's best by inner product, mapped to the formula and merged; and at the
+    narrowest width those keep the same candidates as the scan."""
     from mtool.match import encode as enc
     from mtool.match import population as popm
     from mtool.match import profile as prof
@@ -84,6 +95,9 @@ def test_pattern_join_ranks_by_the_formula_where_nodes_lack_keys():
     vecs, presence = enc.vectors(None, features, n), enc.Presence(features, n)
     pool = np.arange(n)
     join = search.PatternJoin(vecs, presence, pool, enc.key_spans(features), missing_zero=False)
+    if ivf != "scan":
+        for part in join.parts[:-1]:  # the rare patterns' join is scanned on the CPU on every device
+            part.join.ivf_index = part.join.faiss_ivf(gpu=ivf == "faiss-gpu")
     sizes = [len(part[2].vectors) for part in join.parts]
     assert join.parts[-1][0] is None and min(sizes[:-1]) >= search.PATTERN_MIN  # the rare patterns share one join
     queries = np.arange(0, n, 61)
@@ -92,12 +106,28 @@ def test_pattern_join_ranks_by_the_formula_where_nodes_lack_keys():
     wide = search.Setting(1, 10_000, 10.0, 10_000)  # every list of every part
     found = join.search(vecs[queries], join.probes(vecs[queries], wide, terms), 20, terms)
     for row, q in enumerate(queries):
-        shared = presence.has * presence.has[q]
-        weight = shared @ presence.weight
-        formula = np.where(weight > 0, (vecs @ vecs[q] + shared @ presence.constant) / np.where(weight > 0, weight, 1),
-                           -np.inf)
+        formula = formula_of(vecs, presence, q)
         kept = pool[join.order[found[row][found[row] >= 0]]]
         assert np.allclose(np.sort(formula[kept])[::-1], np.sort(formula)[::-1][:20], rtol=0, atol=1e-4)
+    if ivf == "scan":
+        return
+    probes = join.probes(vecs[queries], search.LADDER[0], terms)
+    by_ivf = join.search(vecs[queries], probes, 81, terms)
+    for part in join.parts:
+        part.join.ivf_index = None
+    by_scan = join.search(vecs[queries], probes, 81, terms)
+    for row, q in enumerate(queries):  # the same scores kept (equal scores may be other nodes)
+        a, b = (pool[join.order[x[x >= 0]]] for x in (by_ivf[row], by_scan[row]))
+        assert np.allclose(np.sort(formula_of(vecs, presence, q)[a]), np.sort(formula_of(vecs, presence, q)[b]),
+                           rtol=0, atol=1e-4)
+
+
+def formula_of(vecs, presence, q: int) -> np.ndarray:
+    """Every node's score for query q by the formula on the search vectors (-inf: no shared key)."""
+    shared = presence.has * presence.has[q]
+    weight = shared @ presence.weight
+    return np.where(weight > 0, (vecs @ vecs[q] + shared @ presence.constant) / np.where(weight > 0, weight, 1),
+                    -np.inf)
 
 
 def test_recall_counts_a_match_as_good_as_the_kth_best():
@@ -175,12 +205,6 @@ def _passes(features, q: int, nodes: np.ndarray) -> np.ndarray:
     from mtool.kernels import compat
 
     return ~np.isinf(compat.pair_scores(features, np.array([q]), nodes[None, :])[0])
-
-
-def faiss_gpus() -> int:
-    import faiss
-
-    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
 @pytest.mark.parametrize("level", [0, 2])
