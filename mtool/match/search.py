@@ -289,7 +289,8 @@ class PatternJoin:
     heap per query by the formula's score (`scan`'s affine map), so the best candidates of any
     pattern compete. Measured on the missing-values member of population.FAMILY (30,000 nodes,
     10-30% of each key missing): one normalised join reached recall@20 0.64 at its widest
-    setting; see the README for this one. On a GPU the patterns are searched on the CPU."""
+    setting; see the README for this one. On a GPU each pattern's join is a FAISS IVF index
+    (search() says how its results merge); the rare patterns' join is scanned on the CPU."""
 
     def __init__(self, vectors: np.ndarray, presence, pool: np.ndarray, spans: list, missing_zero: bool,
                  threads: int | None = None, device=None):
