@@ -36,7 +36,7 @@ MTOOL = [os.path.join(os.path.dirname(sys.executable), "mtool")]
 GROUP = "cccccccc-0000-4000-8000-00000000e2e0"
 DOMAIN = "dddddddd-0000-4000-8000-00000000e2e0"
 STAGES = ("load_s", "encode_s", "lists_s", "calibration_s", "search_s", "rescore_s", "check_s", "write_s", "key_s",
-          "swap_s")
+          "participation_s", "swap_s")
 
 
 def engine_only(n: int) -> None:

@@ -143,18 +143,24 @@ def skipped(conn, gid, cycle_id, nodes: int, reason: str, timings: dict) -> None
                  (nodes, reason, json.dumps(timings), gid, cycle_id))
 
 
-def completed(conn, gid, cycle_id, nodes, edges, timings: dict, group, quality: dict) -> None:
-    """COMPLETED with counts and timings, and the group's node_participation, in the caller's
-    transaction (the swap's, so readers see the new cycle and its row at once)."""
+def completed(conn, gid, cycle_id, nodes, edges, timings: dict, quality: dict) -> None:
+    """COMPLETED with counts, timings and quality, in the caller's transaction (the swap's, so
+    readers see the new cycle and its row at once)."""
+    conn.execute("UPDATE match_cycles SET status = 'COMPLETED', node_count = %s, edge_count = %s, timings = %s, "
+                 "quality = %s, error = NULL, finished_at = now() WHERE group_id = %s AND cycle_id = %s",
+                 (nodes, edges, json.dumps(timings), json.dumps(quality), gid, cycle_id))
+
+
+def participated(conn, gid, cycle_id, group) -> None:
+    """The group's node_participation rows for this cycle, in the caller's transaction. The swap
+    writes them before its DDL: DETACH PARTITION holds ACCESS EXCLUSIVE on potential_matches to
+    the commit, and this COPY (2.2 s of 1M nodes) would hold every reader of every group."""
     import numpy as np
     import pyarrow as pa
 
     from mtool.io import load_rows
     from mtool.io import copy as pgcopy
 
-    conn.execute("UPDATE match_cycles SET status = 'COMPLETED', node_count = %s, edge_count = %s, timings = %s, "
-                 "quality = %s, error = NULL, finished_at = now() WHERE group_id = %s AND cycle_id = %s",
-                 (nodes, edges, json.dumps(timings), json.dumps(quality), gid, cycle_id))
     conn.execute("DELETE FROM node_participation WHERE group_id = %s AND cycle_id = %s", (gid, cycle_id))  # an id reused
     m = len(group.reference_ids)
     payload = pgcopy.encode_rows([pgcopy.uuid_bytes(np.broadcast_to(load_rows.uuid_matrix([gid]), (m, 16))),

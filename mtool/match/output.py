@@ -70,13 +70,20 @@ def swap_cycle(db: Database, group, cycle_id: str, load: str, edges: int, timing
         pm.prepare_for_swap(conn, group.group_id, load, include_existing=False, edges=True)
         timings["key_s"] = round(time.monotonic() - t, 3)
         faults.crash_point("match-before-swap")
-        t = time.monotonic()
         with conn.transaction():
+            t = time.monotonic()
+            cycles.participated(conn, group.group_id, cycle_id, group)  # before the DDL's locks (cycles.py)
+            timings["participation_s"] = round(time.monotonic() - t, 3)
+            faults.delay_point("match-participated")
+            t = time.monotonic()
             pm.swap_in(conn, group.group_id, load)
             timings["swap_s"] = round(time.monotonic() - t, 3)  # recorded with the cycle: up to its row
-            cycles.completed(conn, group.group_id, cycle_id, len(group), edges, timings, group, quality)
+            cycles.completed(conn, group.group_id, cycle_id, len(group), edges, timings, quality)
 
 
 def cycle_completed(conn, gid, cycle_id, nodes, edges, timings, group, quality: dict) -> None:
     with conn.transaction():
-        cycles.completed(conn, gid, cycle_id, nodes, edges, timings, group, quality)
+        t = time.monotonic()
+        cycles.participated(conn, gid, cycle_id, group)
+        timings["participation_s"] = round(time.monotonic() - t, 3)
+        cycles.completed(conn, gid, cycle_id, nodes, edges, timings, quality)

@@ -98,6 +98,48 @@ def test_new_cycle_replaces_the_old_and_readers_never_see_two(dsn, files):
     assert done == 3 and participation == 3 * 400
 
 
+def test_readers_are_not_held_while_the_swap_records_participation(dsn, files):
+    """The swap's DETACH PARTITION holds every reader of potential_matches until its commit, so
+    the cycle's node_participation rows go in before it. With the swap's transaction paused for
+    3 s right after those rows (MTOOL_DELAY_AT), readers of the group never wait a second."""
+    import time
+
+    rows = make_nodes(300, group(31), DOMAIN, seed=31)
+    run_mtool(["nodes", "import", nodes_file(files, rows)], dsn, check_rc=0)
+    prof = profile_file(files)
+    run_mtool(["match", "--profile", prof], dsn, check_rc=0)
+    waits, errors, stop = [], [], threading.Event()
+
+    def reader():
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SET lock_timeout = '5s'")
+            while not stop.is_set():
+                t = time.monotonic()
+                try:
+                    conn.execute("SELECT count(*) FROM potential_matches WHERE group_id = %s", (group(31),)).fetchone()
+                except psycopg.Error as exc:
+                    errors.append(exc)
+                waits.append(time.monotonic() - t)
+                time.sleep(0.02)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        t = time.monotonic()
+        run_mtool(["match", "--profile", prof, "--force"], dsn, env={"MTOOL_DELAY_AT": "match-participated:3"},
+                  check_rc=0)
+        elapsed = time.monotonic() - t
+    finally:
+        stop.set()
+        thread.join()
+    assert elapsed >= 3 and not errors and len(waits) > 50
+    assert max(waits) < 1.0, max(waits)
+    with psycopg.connect(dsn) as conn:
+        participation = conn.execute("SELECT count(*) FROM node_participation WHERE group_id = %s",
+                                     (group(31),)).fetchone()[0]
+    assert participation == 2 * 300
+
+
 @pytest.mark.parametrize("crash_at", ["match-block-done:2", "match-before-swap"])
 def test_killed_run_resumes_to_the_same_result(dsn, files, crash_at):
     rows = make_nodes(300, group(4), DOMAIN, seed=4)
