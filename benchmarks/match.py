@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--family", action="store_true", help="the family of populations instead (see above)")
     ap.add_argument("--seed", type=int, default=1, help="--family: the seed its parameters are drawn from")
     ap.add_argument("--members", default=",".join(popm.FAMILY), help="--family: the kinds to run")
+    ap.add_argument("--share", type=float, default=None, help="--family: fix the drawn share where a kind has one "
+                    "(the rare value, the missing values, the smaller bipartite side)")
     ap.add_argument("--sample", type=int, default=300)
     ap.add_argument("--skip-baselines", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, help="mtool and pynndescent runs, alternated; the "
@@ -144,7 +146,7 @@ def run_family(args) -> None:
     recall on --sample queries against their exact top K by the compatibility kernel."""
     worst = None
     for kind in args.members.split(","):
-        cols, spec = popm.member(kind, args.nodes, args.seed)
+        cols, spec = popm.member(kind, args.nodes, args.seed, args.share)
         spec = {**spec, "k": args.k}
         keys = list(spec["keys"]) + (["gender"] if "partition" in spec else [])
         nodes = GroupNodes(kind, kind, cols["reference_id"], {c: cols[c] for c in keys}, cols["embedding"])
