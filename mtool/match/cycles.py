@@ -21,6 +21,8 @@ import json
 import os
 import shutil
 
+from mtool.db import matches as pm
+
 ENGINE_VERSION = 4  # bump when the same inputs would give other results (search, scoring)
 RESUMABLE = ("PROCESSING", "FAILED")
 
@@ -54,9 +56,7 @@ def unchanged_since(conn, gid: str, options: dict, version: int | None) -> tuple
     cycle_id, recorded, edges = row
     if recorded.get("nodes_version") != version or {k: recorded.get(k) for k in options} != options:
         return None
-    current = conn.execute("SELECT processing_cycle_id FROM potential_matches WHERE group_id = %s LIMIT 1",
-                           (gid,)).fetchone()
-    if (current[0] if current else None) != (cycle_id if edges else None):
+    if pm.any_cycle_id(conn, gid) != (cycle_id if edges else None):
         return None
     return cycle_id, recorded.get("nodes", 0)
 
@@ -105,7 +105,6 @@ def choose(conn, gid: str, fp: str, requested: str | None) -> tuple[str | None, 
 
 def remove_leftovers(db, staging_dir: str, gid: str, cycle_ids) -> None:
     """Staging files and load tables of cycles that will not be resumed."""
-    from mtool.db import matches as pm
 
     if not cycle_ids:
         return
