@@ -180,6 +180,9 @@ def needs_filter(level: int, target: float, sample_a: np.ndarray, exact_a, unfil
     recall, _ = sample_recall(level, target, sample_a, exact_a, unfiltered_top_k)
     quality.unfiltered_recall = recall
     quality.filtered = recall < target
+    if not quality.filtered:  # the level is this one (calibrate would search the same sample again)
+        quality.tried.append((level, recall))
+        quality.calibration_recall = recall
     return quality.filtered
 
 

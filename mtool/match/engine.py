@@ -123,7 +123,8 @@ def run(db: Database, opts: MatchOptions, on_group=None, on_plan=None) -> MatchS
         if on_plan:
             on_plan({gid: count for gid, _, count in mine})
         # A group unchanged since a COMPLETED cycle with this profile passed these checks then:
-        # only the others are checked (the numeric keys' scan took 1.3 s per 1M nodes).
+        # only the others are checked (the numeric keys' scan took 1.3 s per 1M nodes). Each
+        # group asks again under its lock (_run_group_with_retries): its nodes may change between.
         changed = [g for g, _, _ in mine] if opts.force else session.run(
             lambda c: [g for g, _, _ in mine if not cycles.unchanged_since(
                 c, g, cycles.option_inputs(opts), node_repo.node_version(c, g))], "find changed groups")
@@ -435,9 +436,8 @@ def _plans(opts, profile, group, features, stats: dict, kept: Kept | None = None
     level; at 1M nodes they take 7-10 s)."""
     n = len(group)
     vecs = missing = None  # missing: an enc.Presence where nodes lack keys (else the plain vectors rank right)
-    cache = stats.setdefault("search_cache", {})
-    if "vectors" in cache:
-        vecs, missing = cache["vectors"]
+    cache = stats.setdefault("search_cache", {"vectors": (None, None), "plans": {}, "samples": {}})
+    vecs, missing = cache["vectors"]
     plans = []
     blocks = enc.layout(features)  # computed once: the spans and the vectors share it
     spans = enc.key_spans(features, blocks)
@@ -451,8 +451,8 @@ def _plans(opts, profile, group, features, stats: dict, kept: Kept | None = None
         first += len(queries)
         if kept is not None and len(plans) in kept.plans:
             plan = Plan(kept.order[first - len(queries):first], pool, kept=True)
-        elif len(plans) in cache:
-            plan = replace(cache[len(plans)])
+        elif len(plans) in cache["plans"]:
+            plan = replace(cache["plans"][len(plans)])
         elif not exact_plan(len(queries), len(pool), dims, profile.k, sample + calibrate.calibration_size(sample)):
             t_build = time.monotonic()
             if vecs is None:
@@ -471,7 +471,7 @@ def _plans(opts, profile, group, features, stats: dict, kept: Kept | None = None
             by_list = np.argsort(probes[:, 0], kind="stable")  # neighbours share lists: cache-friendly blocks
             plan = Plan(queries[by_list], pool[join.order], join, probes[by_list], level=0)
             plan.required = RequiredKeys.of(features, plan.pool)
-            cache[len(plans)] = replace(plan)
+            cache["plans"][len(plans)] = replace(plan)
             stats["graph_build_s"] = stats.get("graph_build_s", 0.0) + time.monotonic() - t_build
         plans.append(plan)
     whole = len(plans) == 1 and len(plans[0].pool) == n and not profile.bipartite and missing is None
@@ -604,10 +604,10 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     def sample_top_k(plan, p, name, sample):
         """A sample's exact top K, computed once a cycle: a pass that computes the plan again
         draws the same sample."""
-        cache = stats["search_cache"]
-        if (name, p) not in cache:
-            cache[name, p] = exact_top_k(plan, sample)
-        return cache[name, p]
+        cache = stats["search_cache"]["samples"].setdefault(p, {})
+        if name not in cache:
+            cache[name] = exact_top_k(plan, sample)
+        return cache[name]
 
     def terms(nodes):
         return None if presence is None else presence.query_terms(nodes)
@@ -639,14 +639,16 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
         sample_a, sample_b = calibrate.samples(plan.queries, calibrate.sample_size(opts.recall_sample, len(plan.pool)),
                                                salt=p)
         exact_a = sample_top_k(plan, p, "calibration", sample_a)
+        level = None
         if plan.required is not None and filtered:
             plan.quality.filtered = True  # an earlier pass fell short without the filter
         elif plan.required is not None and calibrate.LEVELS[levels[0]] is not None and not calibrate.needs_filter(
                 levels[0], opts.target_recall, sample_a, exact_a,
                 lambda nodes, lv, plan=plan: searched_top_k(plan, nodes, lv, filtered=False), plan.quality):
-            plan.required = None
-        level = calibrate.calibrate(levels, opts.target_recall, sample_a, exact_a,
-                                    lambda nodes, lv, plan=plan: searched_top_k(plan, nodes, lv), plan.quality)
+            plan.required, level = None, levels[0]  # the narrowest reached the target unfiltered
+        if level is None:
+            level = calibrate.calibrate(levels, opts.target_recall, sample_a, exact_a,
+                                        lambda nodes, lv, plan=plan: searched_top_k(plan, nodes, lv), plan.quality)
         plan.level = plan.quality.level = level
         plan.quality.candidates = calibrate.candidates_of(level, k, len(plan.pool), symmetric, opts.max_candidates)
         plan.quality.widest = level == levels[-1]
@@ -822,16 +824,16 @@ def _summarise_quality(opts, plans, stats: dict) -> None:
             redo[p] = (q.level, True)
         elif not q.widest:
             redo[p] = (q.level + 1, bool(q.filtered))
-    wider = list(redo)
     stats["redo"] = redo or None
     stats["plan_qualities"] = qualities
-    cache = stats.get("search_cache", {})  # only the plans computed again need theirs
-    for key in [key for key in cache if key != "vectors" and (key[1] if isinstance(key, tuple) else key) not in redo]:
-        del cache[key]
-    if not redo:
+    if redo:  # only the plans computed again need their lists and samples
+        for by_plan in (stats["search_cache"]["plans"], stats["search_cache"]["samples"]):
+            for p in set(by_plan) - set(redo):
+                del by_plan[p]
+    else:
         stats.pop("search_cache", None)
     warning = None
-    if short and not wider:
+    if short and not redo:
         warning = (f"recall estimate {worst.recall:.4f} (95% lower bound {worst.lower_95:.4f}) is below the target "
                    f"{opts.target_recall} at the widest search allowed"
                    + (f" (--max-candidates {opts.max_candidates})" if opts.max_candidates else

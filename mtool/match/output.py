@@ -71,9 +71,7 @@ def swap_cycle(db: Database, group, cycle_id: str, load: str, edges: int, timing
         timings["key_s"] = round(time.monotonic() - t, 3)
         faults.crash_point("match-before-swap")
         with conn.transaction():
-            t = time.monotonic()
-            cycles.participated(conn, group.group_id, cycle_id, group)  # before the DDL's locks (cycles.py)
-            timings["participation_s"] = round(time.monotonic() - t, 3)
+            _participated(conn, group, cycle_id, timings)  # before the DDL's locks (cycles.participated)
             faults.delay_point("match-participated")
             t = time.monotonic()
             pm.swap_in(conn, group.group_id, load)
@@ -83,7 +81,11 @@ def swap_cycle(db: Database, group, cycle_id: str, load: str, edges: int, timing
 
 def cycle_completed(conn, gid, cycle_id, nodes, edges, timings, group, quality: dict) -> None:
     with conn.transaction():
-        t = time.monotonic()
-        cycles.participated(conn, gid, cycle_id, group)
-        timings["participation_s"] = round(time.monotonic() - t, 3)
+        _participated(conn, group, cycle_id, timings)
         cycles.completed(conn, gid, cycle_id, nodes, edges, timings, quality)
+
+
+def _participated(conn, group, cycle_id: str, timings: dict) -> None:
+    t = time.monotonic()
+    cycles.participated(conn, group.group_id, cycle_id, group)
+    timings["participation_s"] = round(time.monotonic() - t, 3)

@@ -26,8 +26,7 @@
   for the same recall; PCA of the vectors to 64 dims cut recall to 0.957.
 - On a GPU the same lists and each query's own probes feed a FAISS GPU IVF index
   (`search_preassigned`: its scan is the fast path there; required numeric and multi-value keys
-  are then excluded at rescoring only). Until this session the GPU index searched one fixed
-  probe count for every query and every width.
+  are then excluded at rescoring only).
 Candidates are then rescored exactly by the caller.
 """
 
@@ -418,8 +417,8 @@ class RequiredKeys:
     def of(cls, features, pool: np.ndarray) -> "RequiredKeys | None":
         """None where the profile has no required numeric or multi-value key."""
         numeric = [(values, values[pool], np.float32(scale)) for values, scale, _, req in features.numeric if req]
-        multi = [(np.where(has[:, None], bits, np.uint64(0)), None) for bits, has, _, req in features.multi if req]
-        multi = [(bits, np.ascontiguousarray(bits[pool])) for bits, _ in multi]
+        held = [np.where(has[:, None], bits, np.uint64(0)) for bits, has, _, req in features.multi if req]
+        multi = [(bits, np.ascontiguousarray(bits[pool])) for bits in held]
         return cls(numeric, multi) if numeric or multi else None
 
     def queries(self, nodes: np.ndarray) -> "RequiredKeys.Queries":
