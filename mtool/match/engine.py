@@ -35,7 +35,7 @@ from mtool.match import encode as enc
 from mtool.match import nodes as node_repo
 from mtool.match.output import cycle_completed, drop_load_table, open_load_table, swap_cycle, write_parquet
 from mtool.match.rescore import SCAN_QUERIES, top_k_for, work_features_on
-from mtool.match.search import ListJoin, PatternJoin, RequiredKeys, compute_pool, take_rows
+from mtool.match.search import ListJoin, PatternJoin, RequiredKeys, compute_pool, reuse_freed_memory, take_rows
 from mtool.match.writer import EdgeWriter
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ def run(db: Database, opts: MatchOptions, on_group=None, on_plan=None) -> MatchS
     from mtool.db import migrations
 
     summary = MatchSummary()
+    reuse_freed_memory()  # for the loading and encoding too
     session = Session(db)
     try:
         session.run(migrations.check, "check schema")
@@ -555,6 +556,7 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     Returns the (n, k) neighbours and scores by node when `want_result`, else (None, None)."""
     xp = opts.device.xp
     stats = {} if stats is None else stats
+    reuse_freed_memory()
     n, k = len(group), profile.k
     os.makedirs(os.path.join(staging, "done"), exist_ok=True)
     block = opts.block_rows

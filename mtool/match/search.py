@@ -51,7 +51,12 @@ PROBE_MAX = 24  # lists a query scans at most
 PROBE_MARGIN = 0.16
 PROBE_BOUND_LISTS = 32  # lists near a query's best whose PROBE_MIN-th best bounds its own (16: 1.3x more
 # candidate lists to sort, 8: 1.8x)
-PROBE_ROWS = 2048  # queries scored against the centroids at once (16 MB of scores at 2,000 lists)
+PROBE_ROWS = 2048  # queries a compute thread takes at once
+# ...scored against the centroids PROBE_SLICE at a time, into one buffer: the selection's passes
+# over the scores then run in cache (2 MB at 2,000 lists), and no fresh pages are faulted in for
+# each product. At 1M nodes, per core: 2048 rows at once into fresh arrays 11.7 s, 256 rows into
+# a reused buffer 7.8 s (the product itself 6.3 s against 4.5 s).
+PROBE_SLICE = 256
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ class ListJoin:
         kmeans.train(np.ascontiguousarray(
             pool_vectors[np.sort(rng.choice(n, min(n, self.nlist * TRAIN_POINTS_PER_LIST), replace=False))]))
         self.centroid_vectors = kmeans.centroids
+        self.centroid_columns = np.ascontiguousarray(self.centroid_vectors.T)  # the probes' product operand
         # each list's nearest lists by centroid inner product: _probe_rows' bound
         centroids = faiss.IndexFlatIP(d)
         centroids.add(self.centroid_vectors)
@@ -157,21 +163,26 @@ class ListJoin:
         at 1M nodes) are sorted by row, best first, which gives the exact PROBE_MIN-th best.
         Same lists as the heap it replaces, 7% less probe time at 1M."""
         least, most = min(setting.probe_min, self.nlist), out.shape[1]
-        scores = x @ self.centroid_vectors.T
-        rows = np.arange(len(x))
-        best_list = scores.argmax(axis=1)
-        reach = scores[rows, best_list] - np.float32(setting.probe_margin) * np.einsum("ij,ij->i", x, x)
-        bound = np.sort(np.take_along_axis(scores, self.centroid_neighbours[best_list], axis=1), axis=1)[:, -least]
-        row, lst = np.divmod(np.flatnonzero(scores >= np.minimum(bound, reach)[:, None]), self.nlist)
-        score = scores[row, lst]
-        # best first within each row: rows ascending, scores descending (|score| << 2**20)
-        by_row = np.argsort(row * np.float64(2**21) - score, kind="stable")
-        row, lst, score = row[by_row], lst[by_row], score[by_row]
-        first = np.searchsorted(row, rows)  # each row has at least `least` entries
-        place = np.arange(len(row)) - first[row]
-        threshold = np.minimum(score[first + least - 1], reach)
-        keep = (place < most) & (score >= threshold[row])
-        out[row[keep], place[keep]] = lst[keep]
+        width = self.centroid_neighbours.shape[1]
+        buffer = np.empty((min(PROBE_SLICE, len(x)), self.nlist), np.float32)
+        for at in range(0, len(x), PROBE_SLICE):
+            xs = x[at:at + PROBE_SLICE]
+            scores = np.matmul(xs, self.centroid_columns, out=buffer[:len(xs)])
+            rows = np.arange(len(xs))
+            best_list = scores.argmax(axis=1)
+            reach = scores[rows, best_list] - np.float32(setting.probe_margin) * np.einsum("ij,ij->i", xs, xs)
+            near = np.take_along_axis(scores, self.centroid_neighbours[best_list], axis=1)
+            bound = np.partition(near, width - least, axis=1)[:, width - least]
+            row, lst = np.divmod(np.flatnonzero(scores >= np.minimum(bound, reach)[:, None]), self.nlist)
+            score = scores[row, lst]
+            # best first within each row: rows ascending, scores descending (|score| << 2**20)
+            by_row = np.argsort(row * np.float64(2**21) - score, kind="stable")
+            row, lst, score = row[by_row], lst[by_row], score[by_row]
+            first = np.searchsorted(row, rows)  # each row has at least `least` entries
+            place = np.arange(len(row)) - first[row]
+            threshold = np.minimum(score[first + least - 1], reach)
+            keep = (place < most) & (score >= threshold[row])
+            out[at + row[keep], place[keep]] = lst[keep]
 
     def search(self, query_vectors: np.ndarray, probes: np.ndarray, count: int, terms=None,
                allowed=None) -> np.ndarray:
@@ -452,6 +463,29 @@ class RequiredKeys:
 
 
 EXCLUDED_SHIFT = np.float32(-1e30)  # added to a pair a required key excludes (|search scores| << 1e30)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+KEEP_FREED_BYTES = 1 << 30  # free memory a process keeps before it gives any back to the kernel
+OWN_PAGES_BYTES = 32 << 20  # allocations from this size get their own pages (glibc's maximum)
+
+
+def reuse_freed_memory() -> None:
+    """Let the engine's many temporaries of a few MB (products, gathered features, sort keys)
+    reuse memory freed by the previous ones instead of each being mapped afresh and faulted in
+    page by page, which glibc's defaults do from the first such block that is freed at the top
+    of the heap. At 1M nodes this cut the kernel's time in page faults from 13.6 s to 5.8 s
+    (both cores) and a cycle from 32.8 to 29.8 s; peak RSS unchanged. Process-wide, for the
+    process's life; a no-op where the C library has no mallopt (musl, macOS)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(M_MMAP_THRESHOLD, OWN_PAGES_BYTES)
+        libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 @contextmanager

@@ -110,3 +110,30 @@ def test_fused_cuda_kernel_matches_numpy():
     want = compat.pair_scores(features, q, c)
     got = pair_scores_gpu(to_xp(features, cupy), cupy.asarray(q), cupy.asarray(c)).get()
     np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_pool_top_k_in_slices_equals_the_whole_row_top_k(monkeypatch, symmetric):
+    """The recall check's exact top K scans a large pool in column slices and keeps from each
+    only what reaches the K-th best so far (the first slice: its own K-th best, or K+1-th where
+    the query itself is in it); the result must be the whole row's top K, ties and required-key
+    exclusions (a third of the pairs here) included."""
+    from mtool.match import rescore
+
+    n, k = 3000, 20
+    rows = make_nodes(n, "g", "d", seed=5)
+    features = rescore.work_features_on(enc.encode(prof.parse({**PROFILE, "k": k}), group_of(rows)), np.arange(n),
+                                        np)
+    monkeypatch.setattr(rescore, "PAIR_BUDGET", 20_000)  # 64 queries a scan, slices of 1,024 columns
+    offset, pool = (0, n) if symmetric else (1000, n - 1000)
+    queries = np.arange(0, n, 23) if symmetric else np.arange(0, 1000, 7)
+    rank = np.arange(n)
+    got_nb, got_sc = rescore.top_k_for(queries, None, offset, pool, features, rank, k, np, symmetric)
+    cols = np.arange(offset, offset + pool)
+    scores = compat.pair_scores(features, queries, np.broadcast_to(cols[None, :], (len(queries), pool)))
+    if symmetric:
+        scores[cols[None, :] == queries[:, None]] = compat.EXCLUDED
+    want_nb, want_sc = compat.top_k(scores, np.broadcast_to(cols[None, :], scores.shape), rank, k)
+    assert np.isinf(scores).mean() > 0.2
+    np.testing.assert_array_equal(got_sc, want_sc)
+    np.testing.assert_array_equal(got_nb, want_nb)
