@@ -33,6 +33,7 @@ Candidates are then rescored exactly by the caller.
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -190,13 +191,11 @@ class ListJoin:
         order (pool position `order[i]`), -1 where the probed lists hold fewer. `allowed`: a
         RequiredKeys.Queries of the same queries, whose excluded pairs never enter the heap.
         Thread-safe: blocks may run concurrently."""
-        import faiss
-
         if self.ivf_index is not None:  # required keys exclude at rescoring only here
             return self.ivf_search(query_vectors, probes, count)[1]
-        heap = faiss.ResultHeap(len(query_vectors), count, keep_max=True)
+        heap = result_heap(len(query_vectors), count)
         self.scan(heap, query_vectors, probes, count, terms, allowed=allowed)
-        return heap.I  # in heap order, not sorted: the caller rescores them all anyway
+        return heap.I.astype(np.int32)  # in heap order, not sorted: the caller rescores them all anyway
 
     def scan(self, heap, query_vectors: np.ndarray, probes: np.ndarray, count: int, terms=None, affine=None,
              base: int = 0, fresh: bool = True, allowed=None) -> None:
@@ -374,9 +373,7 @@ class PatternJoin:
         with a FAISS IVF index (GPU) gives its own best `count` by inner product, which within a
         part ranks as the formula does (the part's affine map has a positive slope), mapped to
         the formula's score and merged into the heap: the same candidates as scanning it here."""
-        import faiss
-
-        heap = faiss.ResultHeap(len(query_vectors), count, keep_max=True)
+        heap = result_heap(len(query_vectors), count)
         widths, column = self._widths(probes.shape[1]), 0
         for i, part in enumerate(self.parts):
             pattern, _, join, first_list, first_position = part
@@ -397,7 +394,7 @@ class PatternJoin:
                 continue
             join.scan(heap, self._query(part, query_vectors), mine, count, terms, affine, first_position,
                       fresh=i == 0, allowed=allowed)
-        return heap.I
+        return heap.I.astype(np.int32)
 
     def _widths(self, total: int) -> list:
         """Each part's columns in a probes array `total` wide: min(probe_max, its lists) for the
@@ -501,6 +498,32 @@ def compute_pool(threads: int):
     with threadpool_limits(1), ThreadPoolExecutor(threads, initializer=faiss.omp_set_num_threads,
                                                   initargs=(1,)) as pool:
         yield pool
+
+
+_heap_memory = threading.local()
+
+
+def result_heap(nq: int, count: int):
+    """A FAISS ResultHeap (keep_max) of `nq` x `count` on this thread's reused arrays: a search
+    batch's heaps are 63 MB at 1M nodes (65,536 x 80), above the size glibc maps afresh for each
+    allocation, and a fresh heap's first touches cost up to 90 ms a batch here. The heap's
+    arrays are only valid until this thread's next call: searches return a copy of its ids."""
+    import faiss
+
+    size = nq * count
+    if getattr(_heap_memory, "size", 0) < size:
+        _heap_memory.D = np.empty(size, np.float32)
+        _heap_memory.I = np.empty(size, np.int64)
+        _heap_memory.size = size
+    heap = faiss.ResultHeap.__new__(faiss.ResultHeap)
+    heap.nq, heap.k = nq, count
+    heap.D = _heap_memory.D[:size].reshape(nq, count)
+    heap.I = _heap_memory.I[:size].reshape(nq, count)
+    heap.heaps = faiss.float_minheap_array_t()
+    heap.heaps.k, heap.heaps.nh = count, nq
+    heap.heaps.val, heap.heaps.ids = faiss.swig_ptr(heap.D), faiss.swig_ptr(heap.I)
+    heap.heaps.heapify()
+    return heap
 
 
 def take_rows(array: np.ndarray, index: np.ndarray) -> np.ndarray:
