@@ -124,7 +124,8 @@ def test_pool_top_k_in_slices_equals_the_whole_row_top_k(monkeypatch, symmetric)
     rows = make_nodes(n, "g", "d", seed=5)
     features = rescore.work_features_on(enc.encode(prof.parse({**PROFILE, "k": k}), group_of(rows)), np.arange(n),
                                         np)
-    monkeypatch.setattr(rescore, "PAIR_BUDGET", 20_000)  # 64 queries a scan, slices of 1,024 columns
+    monkeypatch.setattr(rescore, "PAIR_BUDGET", 20_000)  # a pool this small scanned in slices...
+    monkeypatch.setattr(rescore, "SCAN_PAIRS", 20_000)  # ...of 1,024 columns, 64 queries at once
     offset, pool = (0, n) if symmetric else (1000, n - 1000)
     queries = np.arange(0, n, 23) if symmetric else np.arange(0, 1000, 7)
     rank = np.arange(n)
