@@ -294,62 +294,64 @@ def _no_edge_reason(profile, group) -> str | None:
 def _run_group(session, db, opts, group, features, cycle_id, stats: dict, timings: dict) -> tuple[int, str | None]:
     """One attempt at the cycle: (edges, None) when the edges replaced the group's, or (0,
     reason) when there was no edge and nothing was replaced (SKIPPED; --allow-empty swaps an
-    empty cycle in instead). A pass whose recall check falls short of the target while a wider
-    search is allowed is thrown away and the group computed again from that width (each pass
-    stages under its own folder, so a killed run resumes the pass it was in)."""
+    empty cycle in instead). The cycle is computed in passes (stage_in_passes): a pass that falls
+    short of the target computes the plans that fell short again wider, and its load table is
+    dropped for the next pass's."""
     profile, gid, n = opts.profile, group.group_id, len(group)
     reason = None if opts.allow_empty else _no_edge_reason(profile, group)
     if reason:
         return _skip(session, gid, cycle_id, n, reason, timings)
     t = time.monotonic()
     root = cycles.staging_path(opts.staging_dir, cycle_id, gid)
-    passes, previous = 0, None
-    while True:
-        passes += 1
-        staging = pass_staging(root, passes)
-        writer = load = None
-        if not opts.output:  # edges stream into a fresh load table as blocks finish (mtool/match/writer.py)
-            load = db.retry(lambda: open_load_table(db, gid, cycle_id), "create load table")
-            writer = EdgeWriter(db, load, group, staging, opts.block_rows)
-        try:
-            neighbors, scores = stage_matches(opts, profile, group, features, staging, stats,
-                                              on_block=writer.send if writer else None,
-                                              want_result=bool(opts.output),
-                                              redo=stats.get("redo") if previous else None, previous=previous)
-            quality = dict(stats["quality"], passes=passes)
-            if stats["redo"] is not None:
-                log.warning("group %s: recall estimate %.4f is below the target %s: computing %d of its %d search "
-                            "plans again with a wider search (%s), keeping the others", gid,
-                            quality["recall_estimate"], opts.target_recall, len(stats["redo"]),
-                            len(stats["plan_qualities"]), ", ".join(
-                                f"plan {p}: level {lv}" + (", required keys filtered" if f else "")
-                                for p, (lv, f) in sorted(stats["redo"].items())),
-                            extra={"group_id": gid, "cycle_id": cycle_id})
-                previous = staging
-                continue  # the finally below stops this pass's writer; its load table is made anew
-            for key, name in (("graph_build_s", "lists_s"), ("calibration_s", "calibration_s"),
-                              ("search_s", "search_s"), ("rescore_s", "rescore_s"), ("check_s", "check_s")):
-                timings[name] = round(stats.get(key, 0.0), 3)
-            timings["match_s"] = round(time.monotonic() - t, 3)  # compute: the stages above and the vectors
-            t = time.monotonic()
-            if opts.output:
-                edges = int(np.count_nonzero(neighbors >= 0))
-                if edges or opts.allow_empty:
-                    edges = write_parquet(opts.output, group, cycle_id, neighbors, scores)
-                    session.run(lambda c: cycle_completed(c, gid, cycle_id, n, edges, timings, group, quality),
-                                "complete cycle")
+    writer = load = None
+
+    def open_pass(staging: str):
+        """Edges stream into a fresh load table as blocks finish (mtool/match/writer.py); a
+        pass computed again starts a new one (the previous pass's writer is stopped)."""
+        nonlocal writer, load
+        if writer is not None:
+            writer.abort()
+            writer = None
+        if opts.output:
+            return None
+        load = db.retry(lambda: open_load_table(db, gid, cycle_id), "create load table")
+        writer = EdgeWriter(db, load, group, staging, opts.block_rows)
+        return writer.send
+
+    def short(stats: dict) -> None:
+        log.warning("group %s: recall estimate %.4f is below the target %s: computing %d of its %d search plans "
+                    "again with a wider search (%s), keeping the others", gid, stats["quality"]["recall_estimate"],
+                    opts.target_recall, len(stats["redo"]), len(stats["plan_qualities"]), ", ".join(
+                        f"plan {p}: level {lv}" + (", required keys filtered" if f else "")
+                        for p, (lv, f) in sorted(stats["redo"].items())),
+                    extra={"group_id": gid, "cycle_id": cycle_id})
+
+    try:
+        neighbors, scores, _ = stage_in_passes(opts, profile, group, features, root, stats,
+                                               want_result=bool(opts.output), open_pass=open_pass, on_short=short)
+        quality = dict(stats["quality"], passes=stats["passes"])
+        for key, name in (("graph_build_s", "lists_s"), ("calibration_s", "calibration_s"),
+                          ("search_s", "search_s"), ("rescore_s", "rescore_s"), ("check_s", "check_s")):
+            timings[name] = round(stats.get(key, 0.0), 3)
+        timings["match_s"] = round(time.monotonic() - t, 3)  # compute: the stages above and the vectors
+        t = time.monotonic()
+        if opts.output:
+            edges = int(np.count_nonzero(neighbors >= 0))
+            if edges or opts.allow_empty:
+                edges = write_parquet(opts.output, group, cycle_id, neighbors, scores)
+                session.run(lambda c: cycle_completed(c, gid, cycle_id, n, edges, timings, group, quality),
+                            "complete cycle")
+        else:
+            edges = writer.finish()
+            writer = None
+            timings["write_s"] = round(time.monotonic() - t, 3)  # the COPY's tail after the last block
+            if edges or opts.allow_empty:
+                db.retry(lambda: swap_cycle(db, group, cycle_id, load, edges, timings, quality), "commit cycle")
             else:
-                edges = writer.finish()
-                writer = None
-                timings["write_s"] = round(time.monotonic() - t, 3)  # the COPY's tail after the last block
-                if edges or opts.allow_empty:
-                    db.retry(lambda: swap_cycle(db, group, cycle_id, load, edges, timings, quality), "commit cycle")
-                else:
-                    db.retry(lambda: drop_load_table(db, load), "drop load table")
-            break
-        finally:
-            if writer is not None:
-                writer.abort()
+                db.retry(lambda: drop_load_table(db, load), "drop load table")
+    finally:
+        if writer is not None:
+            writer.abort()
     shutil.rmtree(root, ignore_errors=True)
     stats["quality"] = quality
     if not edges and not opts.allow_empty:
@@ -781,20 +783,26 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
 
 
 def stage_in_passes(opts, profile, group, features, root: str, stats: dict | None = None,
-                    want_result: bool = True):
-    """stage_matches in passes as a cycle runs it (without the cycle's database side): a pass
-    whose check falls short of the target is computed again wider, each under its own folder
-    of `root`. For benchmarks and tests that compare with the engine alone. Returns the last
-    pass's (neighbours, scores) and `stats` (its "passes" counted)."""
+                    want_result: bool = True, open_pass=None, on_short=None):
+    """stage_matches in passes, as a cycle runs it: a pass whose check falls short of the target
+    while a wider search is allowed is computed again wider (the plans that met it kept), each
+    pass under its own folder of `root`, so that a killed run resumes the pass it was in.
+    `open_pass(staging)` gives the pass's on_block (the cycle's edge writer), `on_short(stats)`
+    hears of a pass that fell short. Returns the last pass's (neighbours, scores) and `stats`
+    (its "passes" counted)."""
     stats = {} if stats is None else stats
     stats.update(passes=1)
     previous = None
     while True:
         staging = pass_staging(root, stats["passes"])
-        nb, sc = stage_matches(opts, profile, group, features, staging, stats, want_result=want_result,
-                               redo=stats.get("redo") if previous else None, previous=previous)
+        on_block = open_pass(staging) if open_pass else None
+        nb, sc = stage_matches(opts, profile, group, features, staging, stats, on_block=on_block,
+                               want_result=want_result, redo=stats.get("redo") if previous else None,
+                               previous=previous)
         if stats["redo"] is None:
             return nb, sc, stats
+        if on_short:
+            on_short(stats)
         stats["passes"] += 1
         previous = staging
 
