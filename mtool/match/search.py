@@ -55,8 +55,9 @@ PROBE_BOUND_LISTS = 32  # lists near a query's best whose PROBE_MIN-th best boun
 PROBE_ROWS = 2048  # queries a compute thread takes at once
 # ...scored against the centroids PROBE_SLICE at a time, into one buffer: the selection's passes
 # over the scores then run in cache (2 MB at 2,000 lists), and no fresh pages are faulted in for
-# each product. At 1M nodes, per core: 2048 rows at once into fresh arrays 11.7 s, 256 rows into
-# a reused buffer 7.8 s (the product itself 6.3 s against 4.5 s).
+# each product. At 1M nodes, per core: 2048 rows at once into fresh arrays, the bound by a sort,
+# 11.7 s; 256 rows into a reused buffer, the bound by a partition, 7.8 s (the product itself 6.3 s
+# against 4.5 s).
 PROBE_SLICE = 256
 
 
