@@ -37,11 +37,50 @@ def _edges_payload(args, rows, neighbors, scores, start: int) -> tuple[bytes, in
     the columns that are one value for the whole cycle are added at its end)."""
     from mtool.io import copy as pgcopy
 
+    if args.get("fixed_ids") is not None:
+        return _fixed_width_payload(args["fixed_ids"], rows, neighbors, scores, start)
     sources, targets, kept = edge_columns(args["refs"], rows, neighbors, scores)
     m = len(kept)
     seq = start * neighbors.shape[1] + np.arange(m, dtype=np.int64)
     fields = [pgcopy.fixed(seq, ">i8"), pgcopy.text(sources), pgcopy.text(targets), pgcopy.fixed(kept, ">f4")]
     return pgcopy.encode_rows(fields, m), m
+
+
+def fixed_width_ids(refs) -> np.ndarray | None:
+    """The group's ids as one NumPy bytes array (no copy) where every id has the same UTF-8
+    length (UUIDs and other fixed formats), else None."""
+    import pyarrow as pa
+
+    refs = refs.cast(pa.binary()) if not pa.types.is_binary(refs.type) else refs
+    if len(refs) == 0 or refs.null_count:
+        return None
+    offsets = np.frombuffer(refs.buffers()[1], np.int32, len(refs) + 1, offset=refs.offset * 4)
+    width = int(offsets[1] - offsets[0])
+    if width == 0 or not (np.diff(offsets) == width).all():
+        return None
+    return np.frombuffer(refs.buffers()[2], f"S{width}", len(refs), offset=int(offsets[0]))
+
+
+def _fixed_width_payload(ids: np.ndarray, rows, neighbors, scores, start: int) -> tuple[bytes, int]:
+    """_edges_payload's bytes where every id has one width: each row is a fixed record, filled
+    column by column. The general encoder joins nine Arrow parts a row (edges of 1M nodes, 316k
+    a block: median 92 ms, ~5.8 CPU-s for 20M edges beside the compute; this, median 42 ms)."""
+    from mtool.io.copy import COPY_HEADER, COPY_TRAILER
+
+    width = ids.dtype.itemsize
+    src, pos = np.nonzero(neighbors >= 0)
+    record = np.dtype([("fields", ">i2"), ("seq_len", ">i4"), ("seq", ">i8"), ("source_len", ">i4"),
+                       ("source", f"S{width}"), ("target_len", ">i4"), ("target", f"S{width}"),
+                       ("score_len", ">i4"), ("score", ">f4")])
+    # the constant words from one template record repeated (setting them field by field into
+    # unaligned big-endian fields cost more than the rest together)
+    template = np.array([(4, 8, 0, width, b"", width, b"", 4, 0)], record).tobytes()
+    out = np.frombuffer(bytearray(template * len(src)), record)
+    out["seq"] = start * neighbors.shape[1] + np.arange(len(src), dtype=np.int64)
+    out["source"] = ids[rows[src]]
+    out["target"] = ids[neighbors[src, pos]]
+    out["score"] = scores[src, pos]
+    return COPY_HEADER + out.tobytes() + COPY_TRAILER, len(src)
 
 
 def writer_main(args: dict, block_q, result_q, parent_pid: int) -> None:
@@ -53,7 +92,8 @@ def writer_main(args: dict, block_q, result_q, parent_pid: int) -> None:
 
         from mtool.io import copy as pgcopy
 
-        args = dict(args, refs=pa.array(args["reference_ids"], pa.string()))
+        refs = pa.array(args["reference_ids"], pa.string())
+        args = dict(args, refs=refs, fixed_ids=fixed_width_ids(refs))
         block, edges = args["block_rows"], 0
         target = f"{pm.STAGE_SCHEMA}.{args['table']}"
         order = None
