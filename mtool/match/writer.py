@@ -32,17 +32,16 @@ def edge_columns(refs, rows, neighbors, scores):
     return refs.take(pa.array(rows[src])), refs.take(pa.array(neighbors[src, pos])), scores[src, pos]
 
 
-def _edges_payload(args, rows, neighbors, scores, start: int) -> tuple[bytes, int]:
+def _edges_payload(args, rows, neighbors, scores) -> tuple[bytes, int]:
     """Binary COPY of a block's edges for the cycle's load table (matches.EDGE_LOAD_COLUMNS:
     the columns that are one value for the whole cycle are added at its end)."""
     from mtool.io import copy as pgcopy
 
     if args.get("fixed_ids") is not None:
-        return _fixed_width_payload(args["fixed_ids"], rows, neighbors, scores, start)
+        return _fixed_width_payload(args["fixed_ids"], rows, neighbors, scores)
     sources, targets, kept = edge_columns(args["refs"], rows, neighbors, scores)
     m = len(kept)
-    seq = start * neighbors.shape[1] + np.arange(m, dtype=np.int64)
-    fields = [pgcopy.fixed(seq, ">i8"), pgcopy.text(sources), pgcopy.text(targets), pgcopy.fixed(kept, ">f4")]
+    fields = [pgcopy.text(sources), pgcopy.text(targets), pgcopy.fixed(kept, ">f4")]
     return pgcopy.encode_rows(fields, m), m
 
 
@@ -61,7 +60,7 @@ def fixed_width_ids(refs) -> np.ndarray | None:
     return np.frombuffer(refs.buffers()[2], f"S{width}", len(refs), offset=int(offsets[0]))
 
 
-def _fixed_width_payload(ids: np.ndarray, rows, neighbors, scores, start: int) -> tuple[bytes, int]:
+def _fixed_width_payload(ids: np.ndarray, rows, neighbors, scores) -> tuple[bytes, int]:
     """_edges_payload's bytes where every id has one width: each row is a fixed record, filled
     column by column. The general encoder joins nine Arrow parts a row (edges of 1M nodes, 316k
     a block: median 92 ms, ~5.8 CPU-s for 20M edges beside the compute; this, median 42 ms)."""
@@ -69,14 +68,13 @@ def _fixed_width_payload(ids: np.ndarray, rows, neighbors, scores, start: int) -
 
     width = ids.dtype.itemsize
     src, pos = np.nonzero(neighbors >= 0)
-    record = np.dtype([("fields", ">i2"), ("seq_len", ">i4"), ("seq", ">i8"), ("source_len", ">i4"),
+    record = np.dtype([("fields", ">i2"), ("source_len", ">i4"),
                        ("source", f"S{width}"), ("target_len", ">i4"), ("target", f"S{width}"),
                        ("score_len", ">i4"), ("score", ">f4")])
     # the constant words from one template record repeated (setting them field by field into
     # unaligned big-endian fields cost more than the rest together)
-    template = np.array([(4, 8, 0, width, b"", width, b"", 4, 0)], record).tobytes()
+    template = np.array([(3, width, b"", width, b"", 4, 0)], record).tobytes()
     out = np.frombuffer(bytearray(template * len(src)), record)
-    out["seq"] = start * neighbors.shape[1] + np.arange(len(src), dtype=np.int64)
     out["source"] = ids[rows[src]]
     out["target"] = ids[neighbors[src, pos]]
     out["score"] = scores[src, pos]
@@ -105,7 +103,7 @@ def writer_main(args: dict, block_q, result_q, parent_pid: int) -> None:
                     staged = [zarr.open_array(os.path.join(args["staging"], name), mode="r")
                               for name in ("neighbors.zarr", "scores.zarr")]
                 start, stop = b * block, min(len(order), (b + 1) * block)
-                yield _edges_payload(args, order[start:stop], staged[0][start:stop], staged[1][start:stop], start)
+                yield _edges_payload(args, order[start:stop], staged[0][start:stop], staged[1][start:stop])
 
         with args["db"].connect(autocommit=True) as conn, conn.cursor() as cur:
             # the next block is read and encoded while the server takes this one's COPY: alternating,

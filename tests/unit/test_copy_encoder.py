@@ -68,8 +68,8 @@ def test_sliced_arrow_arrays_and_sizes(n):
                                  [f"n{i}" for i in range(50)]])  # widths differ: the general encoder
 def test_edge_payload_decodes_to_the_edges_of_the_block(ids):
     """The edge writer's payload (fixed-width records where every id has one byte width) decodes
-    to the block's edges in order: seq, the query's id, the neighbour's id, the score; slots
-    without a neighbour (-1) give no row."""
+    to the block's edges in order: the query's id, the neighbour's id, the score; slots without
+    a neighbour (-1) give no row."""
     from mtool.match.writer import _edges_payload, fixed_width_ids
 
     refs = pa.array(ids, pa.string())
@@ -80,8 +80,8 @@ def test_edge_payload_decodes_to_the_edges_of_the_block(ids):
     neighbors = rng.integers(0, 50, (12, 5)).astype(np.int32)
     neighbors[::3, 3:] = -1
     scores = rng.random((12, 5), dtype=np.float32)
-    payload, m = _edges_payload({"refs": refs, "fixed_ids": fixed}, rows, neighbors, scores, 7)
+    payload, m = _edges_payload({"refs": refs, "fixed_ids": fixed}, rows, neighbors, scores)
     want = [(rows[r], neighbors[r, c], scores[r, c]) for r in range(12) for c in range(5) if neighbors[r, c] >= 0]
-    got = decode(payload, ["i8", "text", "text", "f4"])
+    got = decode(payload, ["text", "text", "f4"])
     assert m == len(want) == len(got)
-    assert got == [[7 * 5 + i, ids[q], ids[nb], float(sc)] for i, (q, nb, sc) in enumerate(want)]
+    assert got == [[ids[q], ids[nb], float(sc)] for q, nb, sc in want]
