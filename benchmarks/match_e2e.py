@@ -100,7 +100,7 @@ def one_size(n: int, port: int) -> None:
                                 "'potential_matches'::regclass").fetchone()[0]
             # in the layout of the cycle's load table (matches.create_edge_load_table): the columns
             # that are one value for the cycle are not in its rows
-            conn.execute(f"CREATE TABLE key_alone AS SELECT 0::bigint AS seq, group_id, reference_id, "
+            conn.execute(f"CREATE TABLE key_alone AS SELECT group_id, reference_id, "
                          f"matched_reference_id, compatibility_score FROM {part}")
             conn.execute("SET maintenance_work_mem = '512MB'")  # as the cycle's key build (matches.KEY_BUILD_MEMORY)
             t = time.perf_counter()
