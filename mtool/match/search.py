@@ -470,11 +470,12 @@ OWN_PAGES_BYTES = 32 << 20  # allocations from this size get their own pages (gl
 
 def reuse_freed_memory() -> None:
     """Let the engine's many temporaries of a few MB (products, gathered features, sort keys)
-    reuse memory freed by the previous ones instead of each being mapped afresh and faulted in
-    page by page, which glibc's defaults do from the first such block that is freed at the top
-    of the heap. At 1M nodes this cut the kernel's time in page faults from 13.6 s to 5.8 s
-    (both cores) and a cycle from 32.8 to 29.8 s; peak RSS unchanged. Process-wide, for the
-    process's life; a no-op where the C library has no mallopt (musl, macOS)."""
+    reuse memory freed by the previous ones. With glibc's defaults many of them are mapped
+    afresh, or given back to the kernel when freed, and each new one is then faulted in page by
+    page. At 1M nodes this cut the kernel's time in page faults from 13.6 s to 5.8 s (both
+    cores) and a cycle from 32.8 to 29.8 s (one run each); peak RSS unchanged. Process-wide, for
+    the process's life (called by `mtool match` only); a no-op where the C library has no
+    mallopt (musl, macOS)."""
     import ctypes
     import ctypes.util
 
