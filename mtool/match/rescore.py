@@ -108,7 +108,8 @@ def pool_top_k(queries, offset, pool_size, features, rank, k, xp, symmetric):
                 # that the merge sorts a few pairs, not the whole slice (at 1M nodes those
                 # 31,250-wide merges were 1.6 of the samples' 5.7 thread-seconds).
                 th = k + 1 if symmetric else k
-                least = xp.maximum(least, xp.partition(scores, len(cols) - th, axis=1)[:, len(cols) - th:][:, :1])
+                at = len(cols) - th
+                least = xp.maximum(least, xp.partition(scores, at, axis=1)[:, at:at + 1])
             flat = xp.flatnonzero((scores >= least) & ~xp.isinf(scores))  # ties: top_k decides
             row, col = xp.divmod(flat, len(cols))
             score = scores.reshape(-1)[flat]
