@@ -34,7 +34,7 @@ from mtool.device import Device  # noqa: E402
 from mtool.kernels import compat  # noqa: E402
 from mtool.match import calibrate  # noqa: E402
 from mtool.match import encode as enc  # noqa: E402
-from mtool.match import engine  # noqa: E402
+from mtool.match import engine, staging  # noqa: E402
 from mtool.match import population as popm  # noqa: E402
 from mtool.match import profile as prof  # noqa: E402
 from mtool.match.nodes import GroupNodes  # noqa: E402
@@ -100,7 +100,7 @@ def main() -> None:
         opts = engine.MatchOptions(profile, Device.CPU, target_recall=args.target_recall,
                                    staging_dir=scratch_dir("mtool-bench-match-"))
         t = time.perf_counter()
-        nb, _, stats = engine.stage_in_passes(opts, profile, nodes, features, os.path.join(opts.staging_dir, "bench"))
+        nb, _, stats = staging.stage_in_passes(opts, profile, nodes, features, os.path.join(opts.staging_dir, "bench"))
         passes = stats["passes"]
         dt = time.perf_counter() - t
         plan = stats["quality"]["plans"][0]
@@ -158,7 +158,7 @@ def run_family(args) -> None:
         opts = engine.MatchOptions(profile, Device.CPU, target_recall=args.target_recall,
                                    staging_dir=scratch_dir("mtool-bench-family-"))
         t = time.perf_counter()
-        nb, _, stats = engine.stage_in_passes(opts, profile, nodes, features, os.path.join(opts.staging_dir, kind))
+        nb, _, stats = staging.stage_in_passes(opts, profile, nodes, features, os.path.join(opts.staging_dir, kind))
         dt = time.perf_counter() - t
         rec, lower, same = family_recall(profile, nodes, features, nb, args.sample)
         q = stats["quality"]

@@ -6,7 +6,7 @@ choice checked against both paths' wall time.
 Prints, on the benchmark population (mtool.match.population, its profile): ns per exact pair
 of a pool scan, per rescored candidate pair, per float32 multiply-add of the list join's
 products, and per scanned pair of heap work; then for each pool size the time of the exact
-path and of the approximate path (with its calibration and check) through engine.stage_matches,
+path and of the approximate path (with its calibration and check) through staging.stage_matches,
 and the model's choice beside the faster one.
 """
 
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _util import scratch_dir  # noqa: E402
 from mtool.device import Device  # noqa: E402
 from mtool.kernels import compat  # noqa: E402
-from mtool.match import costs, engine, search  # noqa: E402
+from mtool.match import costs, engine, plans, search, staging  # noqa: E402
 from mtool.match import encode as enc  # noqa: E402
 from mtool.match import population as popm  # noqa: E402
 from mtool.match import profile as prof  # noqa: E402
@@ -63,7 +63,7 @@ def unit_costs(n: int) -> None:
         join = search.ListJoin(vecs, threads=1)
         q = join.order[:20_000]  # queries of consecutive lists, as the engine's blocks take them
         found = join.search(vecs[q], join.pool_probes[q], 4 * profile.k)
-        in_lists = features.take(join.order)  # the engine rescores features in list order (engine._work_order)
+        in_lists = features.take(join.order)  # the engine rescores features in list order (plans.work_order)
         compat.prepare(in_lists, np)
         first = np.argsort(join.order)[q]  # the queries' positions in that order
         s = best_of(lambda: rescore.top_k_for(first, found, 0, n, in_lists, rank[join.order], profile.k, np, True), 1)
@@ -87,13 +87,13 @@ def choices(sizes) -> None:
         times = {}
         for path, exact_max in (("exact", size), ("approximate", 0)):
             opts = engine.MatchOptions(profile, Device.CPU, staging_dir=scratch_dir("mtool-bench-costs-"))
-            saved = engine.exact_plan
-            engine.exact_plan = lambda queries, pool, dims_, k, sample, m=exact_max: pool <= m
+            saved = plans.exact_plan
+            plans.exact_plan = lambda queries, pool, dims_, k, sample, m=exact_max: pool <= m
             try:
-                times[path] = best_of(lambda: engine.stage_matches(opts, profile, nodes, features, os.path.join(
+                times[path] = best_of(lambda: staging.stage_matches(opts, profile, nodes, features, os.path.join(
                     opts.staging_dir, f"{path}-{time.monotonic_ns()}"), {}), 2)
             finally:
-                engine.exact_plan = saved
+                plans.exact_plan = saved
         faster = min(times, key=times.get)
         model = "exact" if costs.exact_is_cheaper(size, size, dims, profile.k,
                                                   5 * engine.calibrate.sample_size(engine.calibrate.DEFAULT_SAMPLE,

@@ -43,7 +43,7 @@ def engine_only(n: int) -> None:
     """The engine on the same population, no database (run in its own process by main)."""
     from mtool.device import Device
     from mtool.match import encode as enc
-    from mtool.match import engine
+    from mtool.match import engine, staging
     from mtool.match import profile as prof
     from mtool.match.nodes import GroupNodes
 
@@ -55,7 +55,7 @@ def engine_only(n: int) -> None:
     t = time.perf_counter()
     features = enc.encode(profile, nodes)
     opts = engine.MatchOptions(profile, Device.CPU, staging_dir=scratch_dir("mtool-bench-e2e-engine-"))
-    engine.stage_in_passes(opts, profile, nodes, features, opts.staging_dir, want_result=False)
+    staging.stage_in_passes(opts, profile, nodes, features, opts.staging_dir, want_result=False)
     print(json.dumps({"compute_s": time.perf_counter() - t}))
 
 

@@ -8,7 +8,7 @@ computed by the compatibility kernel over the whole pool (required keys and side
 - verification: after the plan's blocks are computed, sample B's delivered matches are compared
   with their exact top K. That is the estimate the cycle records, with a 95% lower bound (from
   the spread between the sample's queries: recall_bounds). When it falls short of the target and a wider level is
-  allowed, the engine computes the group again from that level (engine._run_group).
+  allowed, the engine computes the group again from that level (staging.stage_in_passes).
 A plan whose widest allowed level stays short (the pool too large for the exact fallback, or
 `--max-candidates`) ends with a warning naming the estimate, never silently.
 """
@@ -146,7 +146,7 @@ def calibrate(levels: list[int], target: float, sample_a: np.ndarray, exact_a, s
     recall_hits takes them). Consistent, not proven: on 128 queries the bound is
     about +-0.005 at 0.99, and demanding the lower bound cost a 1M-node group of the benchmark's
     population (true recall 0.994 at the narrowest width, 0.986 on its sample A) a width twice
-    as costly. The check on sample B is strict (engine._summarise_quality): below the target,
+    as costly. The check on sample B is strict (staging.summarise_quality): below the target,
     the group is computed again wider."""
     for level in levels:
         if LEVELS[level] is None:  # exact: recall 1 by construction

@@ -413,7 +413,7 @@ class RequiredKeys:
     """A plan's required numeric and multi-value keys, for its pool in list order: the search
     drops a pair that fails one before the pair reaches the query's heap, so no candidate slot
     goes to a pair the kernel excludes (required categorical keys split the pool instead:
-    engine._sides). The kernel's own tests, not a bound: a numeric pair passes when
+    plans.sides). The kernel's own tests, not a bound: a numeric pair passes when
     1 - |a - b| / scale > 0 in float32 (a node lacking the value passes nothing), a
     multi-value pair when the two sets share an item. On population.FAMILY's strict member
     (100,000 nodes, required age with scale 3 and required interests) the search without this

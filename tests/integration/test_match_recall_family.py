@@ -136,7 +136,7 @@ def test_a_cycle_through_postgres_equals_the_engine_in_memory_row_for_row(dsn, f
     nodes with missing values are exactly, ids and float4 scores, what the engine computes in
     memory from the file's own values with the same options."""
     from mtool.device import Device
-    from mtool.match import engine
+    from mtool.match import engine, staging
 
     gid = group(77)
     spec, nodes = import_member(dsn, files, gid, "missing", 8, 0.15, n=20_000)
@@ -159,7 +159,7 @@ def test_a_cycle_through_postgres_equals_the_engine_in_memory_row_for_row(dsn, f
     profile = prof.parse(spec)
     opts = engine.MatchOptions(profile, Device.CPU, staging_dir=str(tmp_path))
     features = enc.encode(profile, nodes)
-    nb, sc, _ = engine.stage_in_passes(opts, profile, nodes, features, str(tmp_path))  # as the cycle computes it
+    nb, sc, _ = staging.stage_in_passes(opts, profile, nodes, features, str(tmp_path))  # as the cycle computes it
     ids = nodes.reference_ids
     expected = sorted((ids[q], ids[m], float(s)) for q in range(len(ids)) for m, s in zip(nb[q], sc[q]) if m >= 0)
     expected = [(r, m, np.float32(s)) for r, m, s in expected]

@@ -8,7 +8,7 @@ import numpy as np
 from mtool.device import Device
 from mtool.kernels import compat
 from mtool.match import encode as enc
-from mtool.match import engine
+from mtool.match import engine, staging
 from mtool.match import population as popm
 from mtool.match import profile as prof
 from mtool.match.nodes import GroupNodes
@@ -23,7 +23,7 @@ def test_approximate_mode_reaches_recall_099(tmp_path):
     profile = prof.parse(popm.PROFILE)
     features = enc.encode(profile, nodes)
     opts = engine.MatchOptions(profile, Device.CPU, staging_dir=str(tmp_path))
-    neighbors, _ = engine.stage_matches(opts, profile, nodes, features, str(tmp_path / "g"))
+    neighbors, _ = staging.stage_matches(opts, profile, nodes, features, str(tmp_path / "g"))
     queries = np.random.default_rng(0).choice(n, 150, replace=False)
     everyone = np.arange(n)[None, :]
     hits = 0
@@ -47,14 +47,14 @@ def test_block_size_and_search_batches_do_not_change_the_result(tmp_path):
     for block_rows, threads in ((16384, 1), (700, 2), (1000, 1)):
         opts = engine.MatchOptions(profile, Device.CPU, staging_dir=str(tmp_path), block_rows=block_rows,
                                    threads=threads)
-        results.append(engine.stage_matches(opts, profile, nodes, features, str(tmp_path / f"g{block_rows}")))
+        results.append(staging.stage_matches(opts, profile, nodes, features, str(tmp_path / f"g{block_rows}")))
     # Resumed: the blocks an earlier run finished are read from its staging arrays, the others
     # computed again; the result is the same.
-    staging = tmp_path / "g700"
-    for marker in sorted((staging / "done").iterdir(), key=lambda m: int(m.name))[::2]:
+    folder = tmp_path / "g700"
+    for marker in sorted((folder / "done").iterdir(), key=lambda m: int(m.name))[::2]:
         marker.unlink()
     opts = engine.MatchOptions(profile, Device.CPU, staging_dir=str(tmp_path), block_rows=700, threads=2)
-    results.append(engine.stage_matches(opts, profile, nodes, features, str(staging)))
+    results.append(staging.stage_matches(opts, profile, nodes, features, str(folder)))
     for neighbors, scores in results[1:]:
         assert np.array_equal(neighbors, results[0][0])
         assert np.array_equal(scores, results[0][1])
@@ -69,7 +69,7 @@ def test_approximate_bipartite_mode_reaches_recall_099_across_sides_only(tmp_pat
     profile = prof.parse({**popm.PROFILE, "partition": {"key": "gender", "left": "M", "right": "F"}})
     features = enc.encode(profile, nodes)
     opts = engine.MatchOptions(profile, Device.CPU, staging_dir=str(tmp_path))
-    neighbors, _ = engine.stage_matches(opts, profile, nodes, features, str(tmp_path / "g"))
+    neighbors, _ = staging.stage_matches(opts, profile, nodes, features, str(tmp_path / "g"))
     side = np.array(p["gender"])
     hits = 0
     queries = np.random.default_rng(1).choice(n, 150, replace=False)
@@ -102,11 +102,11 @@ def test_ties_resume_and_thread_count_give_the_same_matches(tmp_path):
     for run, threads in enumerate((1, 2, 2)):
         opts = engine.MatchOptions(profile, Device.CPU, staging_dir=str(tmp_path), block_rows=7, threads=threads,
                                    max_candidates=21)  # k + 1 candidates: any other candidate shows
-        staging = tmp_path / f"run{run}"
-        results.append(engine.stage_matches(opts, profile, nodes, features, str(staging)))
+        folder = tmp_path / f"run{run}"
+        results.append(staging.stage_matches(opts, profile, nodes, features, str(folder)))
         if run == 2:  # a resume after a kill: every third block (7 nodes) is computed again, the rest read back
-            for marker in sorted((staging / "done").iterdir(), key=lambda m: int(m.name))[::3]:
+            for marker in sorted((folder / "done").iterdir(), key=lambda m: int(m.name))[::3]:
                 marker.unlink()
-            results.append(engine.stage_matches(opts, profile, nodes, features, str(staging)))
+            results.append(staging.stage_matches(opts, profile, nodes, features, str(folder)))
     for neighbors, scores in results[1:]:
         assert np.array_equal(neighbors, results[0][0]) and np.array_equal(scores, results[0][1])

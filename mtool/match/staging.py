@@ -1,0 +1,396 @@
+"""A group's top K, computed block by block into Zarr staging arrays, in passes.
+
+stage_matches builds the plans (plans.py), calibrates each approximate plan's search width
+(calibrate.py), searches and rescores the nodes in blocks on the compute threads, stages each
+block's top K with a done-marker (a killed run resumes from the done blocks), and checks the
+delivered recall on an independent sample. stage_in_passes computes again, wider, the plans
+whose check fell short.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import numpy as np
+
+from mtool import faults
+from mtool.match import calibrate
+from mtool.match.plans import build_plans, work_order
+from mtool.match.rescore import SCAN_QUERIES, top_k_for, work_features_on
+from mtool.match.search import compute_pool, reuse_freed_memory, take_rows
+
+
+class Kept(NamedTuple):
+    """What a pass takes over from the previous one: the plans that met the target there (plan
+    numbers), the previous pass's processing order and its staged neighbours and scores."""
+    plans: frozenset
+    order: np.ndarray
+    neighbors: object
+    scores: object
+
+    @classmethod
+    def of(cls, previous: str, redo: dict, plans: int) -> "Kept":
+        import zarr
+
+        return cls(frozenset(range(plans)) - set(redo), np.load(os.path.join(previous, "order.npy")),
+                   zarr.open_array(os.path.join(previous, "neighbors.zarr"), mode="r"),
+                   zarr.open_array(os.path.join(previous, "scores.zarr"), mode="r"))
+
+
+def saved_order(staging: str, plans: list) -> np.ndarray:
+    """The processing order of the nodes, saved before the first block (a resumed run reads it:
+    its blocks and done-markers must mean the same nodes)."""
+    path = os.path.join(staging, "order.npy")
+    if os.path.exists(path):
+        return np.load(path)
+    order = np.concatenate([plan.queries for plan in plans]) if plans else np.zeros(0, np.int64)
+    np.save(path + ".tmp.npy", order)
+    os.replace(path + ".tmp.npy", path)
+    return order
+
+
+def staging_array(staging: str, name: str, rows: int, k: int, block: int, dtype: str, fill):
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    path = os.path.join(staging, name)
+    if os.path.exists(os.path.join(path, "zarr.json")):  # resuming: keep the done chunks
+        return zarr.open_array(path, mode="r+")
+    # blosc lz4 + shuffle: smallest and fastest for int32/float32 edge arrays (TESTING.md).
+    return zarr.create_array(path, shape=(max(1, rows), k), chunks=(block, k), dtype=dtype, fill_value=fill,
+                             compressors=[BloscCodec(cname="lz4", shuffle="shuffle")])
+
+
+def stage_matches(opts, profile, group, features, staging: str, stats: dict | None = None, on_block=None,
+                  want_result: bool = True, redo: dict | None = None, previous: str | None = None):
+    """Top-K of every node into Zarr arrays under `staging`, block by block, resumable.
+
+    Nodes are processed in a fixed order (by side, then by first probed list for large pools),
+    saved as `order.npy` before the first block, so that blocks (and their done-markers) mean
+    the same nodes when a killed run resumes. The arrays are indexed by processing position.
+    Blocks run on `opts.threads` threads (NumPy, BLAS and FAISS release the GIL), each owning
+    its Zarr chunk; `on_block(b)` is called as each block is done (the commit's COPY feed).
+    Each approximate plan is calibrated first (its search width) and checked after
+    (calibrate.py): stats["quality"] gets the recall estimate, and stats["redo"] the plans to
+    compute again in a next pass, where one fell short and a wider search is allowed (plan
+    number: (lowest level, required keys' filter)), else None. A next pass gets that `redo` and
+    the `previous` pass's staging folder: the other plans' rows are copied from there.
+    Returns the (n, k) neighbours and scores by node when `want_result`, else (None, None)."""
+    xp = opts.device.xp
+    stats = {} if stats is None else stats
+    reuse_freed_memory()
+    n, k = len(group), profile.k
+    os.makedirs(os.path.join(staging, "done"), exist_ok=True)
+    block = opts.block_rows
+    kept = None if redo is None else Kept.of(previous, redo, len(stats["plan_qualities"]))
+    plans, vecs, presence = build_plans(opts, profile, group, features, stats, kept)
+    work = work_order(plans, n)
+    position = np.empty(n, np.int64)
+    position[work] = np.arange(n)
+    order = saved_order(staging, plans)
+    if kept is not None and not np.array_equal(order, kept.order):
+        raise RuntimeError("a pass's processing order differs from the previous pass's: its plans cannot be kept")
+    plan_starts = np.cumsum([0] + [len(plan.queries) for plan in plans])
+    staged_nb = staging_array(staging, "neighbors.zarr", len(order), k, block, "int32", -1)
+    staged_sc = staging_array(staging, "scores.zarr", len(order), k, block, "float32", float("-inf"))
+    rank = xp.asarray(work)  # nodes are sorted by reference_id: a node's index is its rank
+    # Only rescoring reads the features in work order: they are copied while the first batches
+    # search (at 1M nodes the copy took 0.2-1 s, most of it first touches of fresh memory).
+    loader = ThreadPoolExecutor(1)
+    work_features = loader.submit(work_features_on, features, work, xp)
+    loader.shutdown(wait=False)
+    slot = np.zeros(n, np.int64)  # a query's row in its plan's probes (plans' queries are disjoint)
+    for plan in plans:
+        slot[plan.queries] = np.arange(len(plan.queries))
+    symmetric = not profile.bipartite
+
+    def query_vectors(plan, nodes):
+        # one symmetric pool: the queries are the pool, whose vectors the join holds in list order
+        return vecs[nodes] if vecs is not None else take_rows(plan.join.vectors, position[nodes] - plan.offset)
+
+    def to_nodes(nb):
+        return np.where(nb >= 0, work[np.maximum(nb, 0)], -1)
+
+    def exact_top_k(plan, nodes):
+        """The exact top K (nodes, scores) of a sample of queries over the whole pool, on the
+        compute threads (every pair of the sample is scored: the recall check's main cost)."""
+        def part(chunk):
+            return top_k_for(position[chunk], None, plan.offset, len(plan.pool), work_features.result(), rank, k,
+                             xp, symmetric)
+        threads = 1 if xp is not np else max(1, opts.threads or os.cpu_count() or 1)
+        # a chunk per thread at least, SCAN_QUERIES a chunk at most (pool_top_k's matrix products)
+        chunks = np.array_split(nodes, min(len(nodes), max(threads, -(-len(nodes) // SCAN_QUERIES)))) \
+            if len(nodes) else [nodes]
+        with compute_pool(threads) as pool:
+            parts = list(pool.map(part, chunks))
+        return to_nodes(np.concatenate([nb for nb, _ in parts])), np.concatenate([sc for _, sc in parts])
+
+    def sample_top_k(plan, p, name, sample):
+        """A sample's exact top K, computed once a cycle: a pass that computes the plan again
+        draws the same sample."""
+        cache = stats["search_cache"]["samples"].setdefault(p, {})
+        if name not in cache:
+            cache[name] = exact_top_k(plan, sample)
+        return cache[name]
+
+    def terms(nodes):
+        return None if presence is None else presence.query_terms(nodes)
+
+    def allowed(plan, nodes):
+        return None if plan.required is None else plan.required.queries(nodes)
+
+    def searched_top_k(plan, nodes, level, filtered=True):
+        qv = query_vectors(plan, nodes)
+        count = calibrate.candidates_of(level, k, len(plan.pool), symmetric, opts.max_candidates)
+        with compute_pool(1):  # one BLAS/OpenMP thread: the same arithmetic as the blocks'
+            found = plan.join.search(qv, plan.join.probes(qv, calibrate.LEVELS[level], terms(nodes)), count,
+                                     terms(nodes), allowed(plan, nodes) if filtered else None)
+        nb, sc = top_k_for(position[nodes], found, plan.offset, len(plan.pool), work_features.result(), rank, k, xp,
+                           symmetric)
+        return to_nodes(nb), sc
+
+    t_cal = time.monotonic()
+    checks = {}  # plan number: (verification sample, its exact top K)
+    for p, plan in enumerate(plans):
+        if plan.kept:
+            plan.quality = stats["plan_qualities"][p]
+            continue
+        plan.quality = calibrate.PlanQuality(len(plan.queries), len(plan.pool), calibrate.EXACT, len(plan.pool))
+        if plan.join is None:
+            continue
+        floor, filtered = (redo or {}).get(p, (0, False))
+        levels = calibrate.allowed_levels(k, len(plan.pool), floor, opts.max_candidates)
+        sample_a, sample_b = calibrate.samples(plan.queries, calibrate.sample_size(opts.recall_sample, len(plan.pool)),
+                                               salt=p)
+        exact_a = sample_top_k(plan, p, "calibration", sample_a)
+        level = None
+        if plan.required is not None and filtered:
+            plan.quality.filtered = True  # an earlier pass fell short without the filter
+        elif plan.required is not None and calibrate.LEVELS[levels[0]] is not None and not calibrate.needs_filter(
+                levels[0], opts.target_recall, sample_a, exact_a,
+                lambda nodes, lv, plan=plan: searched_top_k(plan, nodes, lv, filtered=False), plan.quality):
+            plan.required, level = None, levels[0]  # the narrowest reached the target unfiltered
+        if level is None:
+            level = calibrate.calibrate(levels, opts.target_recall, sample_a, exact_a,
+                                        lambda nodes, lv, plan=plan: searched_top_k(plan, nodes, lv), plan.quality)
+        plan.level = plan.quality.level = level
+        plan.quality.candidates = calibrate.candidates_of(level, k, len(plan.pool), symmetric, opts.max_candidates)
+        plan.quality.widest = level == levels[-1]
+        if calibrate.LEVELS[level] is None:
+            plan.join = plan.probes = None  # exact fallback: the whole (contiguous) pool
+        else:
+            checks[p] = (sample_b, sample_top_k(plan, p, "check", sample_b))
+            if level > 0:
+                plan.probes = plan.join.probes(query_vectors(plan, plan.queries), calibrate.LEVELS[level],
+                                               terms(plan.queries))
+    stats["calibration_s"] = stats.get("calibration_s", 0.0) + time.monotonic() - t_cal
+
+    def span(b: int) -> tuple[int, int]:
+        """Block b's rows of the order."""
+        return b * block, min(len(order), (b + 1) * block)
+
+    def plan_rows(first: int, last: int):
+        """(plan number, plan, lo, hi) for each plan holding rows of first..last of the order."""
+        for p, plan in enumerate(plans):
+            lo, hi = max(first, plan_starts[p]), min(last, plan_starts[p + 1])
+            if lo < hi:
+                yield p, plan, lo, hi
+
+    def search(first: int, last: int) -> dict:
+        """Candidates of the rows first..last of the order: {plan: (its first row, candidates)}."""
+        found = {}
+        for p, plan, lo, hi in plan_rows(first, last):
+            if plan.join is not None:
+                queries = order[lo:hi]  # the saved order: a resumed run's blocks mean the same nodes
+                count = calibrate.candidates_of(plan.level, k, len(plan.pool), symmetric, opts.max_candidates)
+                found[p] = (lo, plan.join.search(query_vectors(plan, queries), plan.probes[slot[queries]], count,
+                                                 terms(queries), allowed(plan, queries)))
+        return found
+
+    def stage_block(b: int, found: dict) -> None:
+        """Rescore block b's candidates, stage its top K and mark it done."""
+        start, stop = span(b)
+        out_nb = np.full((stop - start, k), -1, np.int32)
+        out_sc = np.full((stop - start, k), -np.inf, np.float32)
+        for p, plan, lo, hi in plan_rows(start, stop):
+            if plan.kept:  # as the previous pass staged them (the same order)
+                out_nb[lo - start:hi - start] = kept.neighbors[lo:hi]
+                out_sc[lo - start:hi - start] = kept.scores[lo:hi]
+                continue
+            candidates = None  # an exact pool: all of it
+            if p in found:
+                at, rows = found[p]
+                candidates = rows[lo - at:hi - at]
+            nb, sc = top_k_for(position[order[lo:hi]], candidates, plan.offset, len(plan.pool),
+                                work_features.result(), rank, k, xp, not profile.bipartite)
+            out_nb[lo - start:hi - start] = np.where(nb >= 0, work[np.maximum(nb, 0)], -1)
+            out_sc[lo - start:hi - start] = sc
+        staged_nb[start:stop] = out_nb
+        staged_sc[start:stop] = out_sc
+        if neighbors is not None:  # kept in memory too: reading 1M nodes' arrays back took ~1 s
+            neighbors[order[start:stop]] = out_nb
+            scores[order[start:stop]] = out_sc
+        with open(os.path.join(staging, "done", f"{b}"), "w"):
+            pass
+        if on_block:
+            on_block(b)
+        if opts.on_nodes:
+            opts.on_nodes(stop - start)
+        faults.crash_point("match-block-done")
+
+    def run_batch(batch: list) -> list:
+        """Consecutive blocks searched as one (bigger list-join matrix products: at 1M nodes,
+        65,536 query rows searched together took 0.75x the time of 16,384), then staged block
+        by block. A query's candidates depend on its own probes only, so the grouping of blocks
+        does not change the result. Returns each block's seconds (the batch's time shared out)."""
+        t_batch = time.monotonic()
+        found = search(span(batch[0])[0], span(batch[-1])[1])
+        t_found = time.monotonic()
+        batch = [b for b in batch if b in todo_set]  # resuming: the batch is searched whole, as before
+        for b in batch:
+            stage_block(b, found)
+        thread_seconds.append((t_found - t_batch, time.monotonic() - t_found))
+        return [(time.monotonic() - t_batch) / len(batch)] * len(batch)
+
+    neighbors = scores = None
+    if want_result:  # the caller's (n, k) arrays, indexed by node
+        neighbors = np.full((n, k), -1, np.int32)
+        scores = np.full((n, k), -np.inf, np.float32)
+    blocks = range(-(-len(order) // block))
+    todo = [b for b in blocks if not os.path.exists(os.path.join(staging, "done", f"{b}"))]
+    todo_set = set(todo)
+    finished = sorted(set(blocks) - set(todo))  # by a killed run
+    if on_block:  # resuming: blocks a killed run finished are fed again (the load table is new)
+        for b in finished:
+            on_block(b)
+    if opts.on_nodes and finished:  # and count as progress
+        opts.on_nodes(sum(stop - start for start, stop in map(span, finished)))
+    threads = 1 if xp is not np else max(1, opts.threads or os.cpu_count() or 1)
+    batches = [batch for batch in search_batches(len(blocks), block) if todo_set.intersection(batch)]
+    seconds = stats.setdefault("block_seconds", [])
+    thread_seconds = []  # (search, rescoring) seconds of each batch, on its thread
+    t_blocks = time.monotonic()
+    if xp is not np:
+        for batch in batches:
+            seconds.extend(run_batch(batch))
+    else:  # through the pool also with one thread (compute_pool says why)
+        with compute_pool(threads) as pool:
+            for done in pool.map(run_batch, batches):
+                seconds.extend(done)
+    # The blocks' wall time shared out by their threads' seconds: search and rescoring overlap
+    # on the compute threads, so each stage's share of the wall time is what a reader can add up.
+    blocks_s = time.monotonic() - t_blocks
+    searched, rescored = (sum(x) for x in zip(*thread_seconds)) if thread_seconds else (0.0, 0.0)
+    share = blocks_s / (searched + rescored) if searched + rescored else 0.0
+    stats["search_s"] = stats.get("search_s", 0.0) + searched * share
+    stats["rescore_s"] = stats.get("rescore_s", 0.0) + rescored * share
+    if neighbors is not None:
+        for start, stop in map(span, finished):  # blocks of a killed run: from the staging arrays
+            neighbors[order[start:stop]] = staged_nb[start:stop]
+            scores[order[start:stop]] = staged_sc[start:stop]
+    t_check = time.monotonic()
+    at = np.empty(n, np.int64)
+    at[order] = np.arange(len(order))
+    for p, (sample_b, exact_b) in checks.items():  # what was delivered, against the exact top K
+        rows = (at[sample_b], slice(None))
+        delivered = (staged_nb.get_orthogonal_selection(rows), staged_sc.get_orthogonal_selection(rows))
+        q = plans[p].quality
+        q.recall, q.lower_95 = calibrate.recall_bounds(*calibrate.recall_hits(delivered, exact_b))
+        q.sample = len(sample_b)
+    stats["check_s"] = stats.get("check_s", 0.0) + time.monotonic() - t_check
+    summarise_quality(opts, plans, stats)
+    return neighbors, scores
+
+
+def stage_in_passes(opts, profile, group, features, root: str, stats: dict | None = None,
+                    want_result: bool = True, open_pass=None, on_short=None):
+    """stage_matches in passes, as a cycle runs it: a pass whose check falls short of the target
+    while a wider search is allowed is computed again wider (the plans that met it kept), each
+    pass under its own folder of `root`, so that a killed run resumes the pass it was in.
+    `open_pass(staging)` gives the pass's on_block (the cycle's edge writer), `on_short(stats)`
+    hears of a pass that fell short. Returns the last pass's (neighbours, scores) and `stats`
+    (its "passes" counted)."""
+    stats = {} if stats is None else stats
+    stats.update(passes=1)
+    previous = None
+    while True:
+        staging = pass_staging(root, stats["passes"])
+        on_block = open_pass(staging) if open_pass else None
+        nb, sc = stage_matches(opts, profile, group, features, staging, stats, on_block=on_block,
+                               want_result=want_result, redo=stats.get("redo") if previous else None,
+                               previous=previous)
+        if stats["redo"] is None:
+            return nb, sc, stats
+        if on_short:
+            on_short(stats)
+        stats["passes"] += 1
+        previous = staging
+
+
+def pass_staging(root: str, number: int) -> str:
+    """The staging folder of a group's pass `number` (from 1), so that a killed run resumes the
+    pass it was in (the passes before it are found complete and give the same decisions)."""
+    return os.path.join(root, f"pass-{number}")
+
+
+def summarise_quality(opts, plans, stats: dict) -> None:
+    """The group's recall: its worst plan's estimate (both sides of a bipartite group, every
+    value of a required key must keep the target); where it fell short, the level to redo from
+    or, at the widest allowed, a warning."""
+    qualities = [plan.quality for plan in plans]
+    worst = min(qualities, key=lambda q: q.recall, default=None)
+    short = [q for q in qualities if q.recall < opts.target_recall]
+    # The check is strict where calibration was lenient: below the target on sample B, a plan is
+    # computed again wider where a wider search is allowed (seen: 0.982 on A at the narrowest,
+    # 0.971 delivered); the plans that met it are kept. A plan that searched without its
+    # required keys' filter gets the filter first, at the same level (strict member of
+    # population.FAMILY at 100,000 nodes: 0.970 delivered unfiltered at the narrowest level
+    # after 0.981 on A; widening unfiltered took three more passes).
+    redo = {}
+    for p, q in enumerate(qualities):
+        if q.recall >= opts.target_recall:
+            continue
+        if q.filtered is False:
+            redo[p] = (q.level, True)
+        elif not q.widest:
+            redo[p] = (q.level + 1, bool(q.filtered))
+    stats["redo"] = redo or None
+    stats["plan_qualities"] = qualities
+    if redo:  # only the plans computed again need their lists and samples
+        for by_plan in (stats["search_cache"]["plans"], stats["search_cache"]["samples"]):
+            for p in set(by_plan) - set(redo):
+                del by_plan[p]
+    else:
+        stats.pop("search_cache", None)
+    warning = None
+    if short and not redo:
+        warning = (f"recall estimate {worst.recall:.4f} (95% lower bound {worst.lower_95:.4f}) is below the target "
+                   f"{opts.target_recall} at the widest search allowed"
+                   + (f" (--max-candidates {opts.max_candidates})" if opts.max_candidates else
+                      f" (pool of {worst.pool} nodes, above the exact fallback's {calibrate.EXACT_FALLBACK_MAX})"))
+    stats["quality"] = {
+        "recall_estimate": round(worst.recall, 5) if worst else 1.0,
+        "recall_lower_95": round(worst.lower_95, 5) if worst else 1.0,
+        "target_recall": opts.target_recall, "exact": all(q.level == calibrate.EXACT for q in qualities),
+        "warning": warning, "plans": [q.to_json() for q in qualities],
+    }
+
+
+SEARCH_ROWS = 65_536  # query rows searched at once at most (consecutive staging blocks)
+
+
+BATCHES_MIN = 4  # a group is cut into at least this many search batches where it has the blocks
+
+
+def search_batches(blocks: int, block_rows: int) -> list:
+    """The search batches: runs of consecutive blocks, fixed by the group's size and the block
+    size alone. A query's candidates come from matrix products shared with the other queries
+    of its batch, whose rounding depends on their shapes (a list probed by one query of a
+    batch is a vector product), so the batches must not depend on the thread count or on
+    which blocks a killed run had finished: a near-tie would fall the other way. At most
+    SEARCH_ROWS rows a batch, and BATCHES_MIN batches at least (two per thread on 2 cores)."""
+    per_batch = max(1, min(SEARCH_ROWS // block_rows, -(-blocks // BATCHES_MIN)))
+    return [list(range(first, min(blocks, first + per_batch))) for first in range(0, blocks, per_batch)]
