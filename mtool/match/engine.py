@@ -2,9 +2,9 @@
 
 For each selected group (all groups by default, `--shard i/N` takes those whose hash falls in
 its shard): take the group's advisory lock (a group another process holds is skipped), load and
-encode its nodes, then for each block of query nodes: candidates (exact or FAISS), exact
-rescoring with the compatibility kernel, deterministic top-K, written to Zarr staging arrays
-`neighbors[N,K]`, `scores[N,K]` chunked by block, with a done-marker per block. A killed run
+encode its nodes, then compute its top K block by block into Zarr staging arrays, each block
+with a done-marker (staging.py: the search plans of plans.py, candidates, exact rescoring,
+deterministic top K, the recall check, passes). A killed run
 resumes from the done blocks (the unfinished cycle's id is reused). The group's top-K edges
 are COPYed into a load table as blocks finish (writer.py) and that table replaces the group's
 partition in one transaction with the cycle's COMPLETED row (output.py): readers see the old
