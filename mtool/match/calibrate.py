@@ -7,8 +7,11 @@ computed by the compatibility kernel over the whole pool (required keys and side
   first whose recall on A reaches the target is kept for the whole plan;
 - verification: after the plan's blocks are computed, sample B's delivered matches are compared
   with their exact top K. That is the estimate the cycle records, with a 95% lower bound (from
-  the spread between the sample's queries: recall_bounds). When it falls short of the target and a wider level is
-  allowed, the engine computes the group again from that level (staging.stage_in_passes).
+  the spread between the sample's queries: recall_bounds). Where that estimate reaches the
+  target but its lower bound does not (`ambiguous`), the check adds queries (confirmation_sample)
+  as far as costs.confirmation_queries allows, and the estimate is over both. When it falls short
+  of the target and a wider level is allowed, the engine computes the group again from that
+  level (staging.stage_in_passes).
 A plan whose widest allowed level stays short (the pool too large for the exact fallback, or
 `--max-candidates`) ends with a warning naming the estimate, never silently.
 """
@@ -54,6 +57,7 @@ class PlanQuality:
     # (search.RequiredKeys), and the recall on sample A of the narrowest level without it
     filtered: bool | None = None
     unfiltered_recall: float | None = None
+    confirmation: int = 0  # queries added to the check's sample where its estimate was ambiguous
 
     def to_json(self) -> dict:
         setting = LEVELS[self.level]
@@ -61,7 +65,8 @@ class PlanQuality:
                 "search": "exact" if setting is None else setting.to_json(), "candidates": self.candidates,
                 "calibration_recall": self.calibration_recall, "recall": self.recall, "lower_95": self.lower_95,
                 "sample": self.sample, "tried": self.tried, "required_filter": self.filtered,
-                "unfiltered_recall": self.unfiltered_recall}
+                "unfiltered_recall": self.unfiltered_recall,
+                "confirmation": self.confirmation}
 
 
 def upper(recall: float, lower: float) -> float:
@@ -117,10 +122,27 @@ def samples(queries: np.ndarray, size: int, salt: int) -> tuple[np.ndarray, np.n
     """Two disjoint seeded samples of the plan's queries (node indices): calibration (a quarter
     of `size`: it only has to tell a width far from the target, 0.6 against 0.99, and its rule is
     lenient anyway) and the check (`size`: the estimate the cycle records)."""
-    size = max(1, min(size, len(queries) // 2))
-    small = calibration_size(size)
-    pick = np.random.default_rng([SEED, salt]).permutation(len(queries))
+    pick, small, size = _drawn(queries, size, salt)
     return np.sort(queries[pick[:small]]), np.sort(queries[pick[small:small + size]])
+
+
+def confirmation_sample(queries: np.ndarray, size: int, extra: int, salt: int) -> np.ndarray:
+    """`extra` more queries for the check, disjoint from both of `samples(queries, size, salt)`
+    (the same seeded draw, its next queries): fewer where the plan has no more."""
+    pick, small, size = _drawn(queries, size, salt)
+    return np.sort(queries[pick[small + size:small + size + extra]])
+
+
+def _drawn(queries: np.ndarray, size: int, salt: int) -> tuple[np.ndarray, int, int]:
+    """The seeded order samples are drawn in, and the calibration and check samples' sizes."""
+    size = max(1, min(size, len(queries) // 2))
+    return np.random.default_rng([SEED, salt]).permutation(len(queries)), calibration_size(size), size
+
+
+def ambiguous(recall: float, lower: float, target: float) -> bool:
+    """The check's estimate reaches the target but its 95% lower bound does not: a larger
+    sample would tell whether the plan is short (staging confirms it where the budget allows)."""
+    return lower < target <= recall
 
 
 def recall_hits(found: np.ndarray, exact: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

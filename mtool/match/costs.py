@@ -49,3 +49,27 @@ def exact_is_cheaper(queries: int, pool: int, dims: int, k: int, sample: int) ->
     """True where scoring every pair costs no more than the narrowest search with its recall
     check (the calibration may still widen the search, or fall back to exact, afterwards)."""
     return pool <= SMALLEST or exact_ns(queries, pool) <= approximate_ns(queries, pool, dims, k, sample)
+
+
+# The recall check's exact pairs may cost up to this share of what its plan's search and
+# rescoring cost (the issue's budget for calibration and check: 10% of a cycle's compute).
+CHECK_SHARE = 0.10
+
+
+def search_ns(scanned_pairs: int, dims: int, rescored_pairs: int) -> float:
+    """A plan's counted search and rescoring work: the pairs its queries' probed lists hold
+    (dims multiply-adds and heap work each) and the candidates rescored. Against the measured
+    search and rescoring (2 cores): 1M nodes of benchmarks/match.py (96 dims, 4.6 x 10^9 scanned
+    pairs) 35.7 CPU-s modelled, 29.8 measured; the wide member of population.FAMILY (seed 1,
+    100,000 nodes, 750 dims, 2.4 x 10^9 pairs at its third width) 55.1 modelled, 68 measured."""
+    return scanned_pairs * (dims * MULTIPLY_ADD_NS + HEAP_NS) + rescored_pairs * RESCORE_NS
+
+
+def confirmation_queries(scanned_pairs: int, dims: int, rescored_pairs: int, pool: int, spent_queries: int) -> int:
+    """Queries the check may add where its estimate is ambiguous: what CHECK_SHARE of the plan's
+    work pays for in exact pool scans (pool pairs each), less the queries its samples scanned
+    already. Counted work, not time: the same inputs add the same queries. At 1M nodes of the
+    benchmark population the samples' 160 queries already spend more than the share (none is
+    added); that wide member adds 611 to its 640."""
+    budget = CHECK_SHARE * search_ns(scanned_pairs, dims, rescored_pairs) / PAIR_NS
+    return max(0, int(budget // max(1, pool)) - spent_queries)

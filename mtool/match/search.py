@@ -187,6 +187,10 @@ class ListJoin:
             keep = (place < most) & (score >= threshold[row])
             out[at + row[keep], place[keep]] = lst[keep]
 
+    def list_sizes(self) -> np.ndarray:
+        """Pool nodes in each list, by list number (probes' numbering)."""
+        return np.diff(self.starts)
+
     def search(self, query_vectors: np.ndarray, probes: np.ndarray, count: int, terms=None,
                allowed=None) -> np.ndarray:
         """(nq, count) each query's best candidates by inner product as positions in list
@@ -398,6 +402,10 @@ class PatternJoin:
                       fresh=i == 0, allowed=allowed)
         return heap.I.astype(np.int32)
 
+    def list_sizes(self) -> np.ndarray:
+        """Pool nodes in each list, by global list number (probes' numbering)."""
+        return np.concatenate([part.join.list_sizes() for part in self.parts]) if self.parts else np.zeros(0, np.int64)
+
     def _widths(self, total: int) -> list:
         """Each part's columns in a probes array `total` wide: min(probe_max, its lists) for the
         setting's probe_max, which `total` determines (the sum grows with it until every part is
@@ -528,6 +536,11 @@ def result_heap(nq: int, count: int):
     heap.heaps.val, heap.heaps.ids = faiss.swig_ptr(heap.D), faiss.swig_ptr(heap.I)
     heap.heaps.heapify()
     return heap
+
+
+def scanned_pairs(join, probes: np.ndarray) -> int:
+    """(query, pool node) pairs the search scans for these probes: the sizes of the lists probed."""
+    return int(join.list_sizes()[probes[probes >= 0]].sum())
 
 
 def take_rows(array: np.ndarray, index: np.ndarray) -> np.ndarray:

@@ -17,10 +17,10 @@ from typing import NamedTuple
 import numpy as np
 
 from mtool import faults
-from mtool.match import calibrate
+from mtool.match import calibrate, costs
 from mtool.match.plans import build_plans, work_order
 from mtool.match.rescore import SCAN_QUERIES, top_k_for, work_features_on
-from mtool.match.search import compute_pool, reuse_freed_memory, take_rows
+from mtool.match.search import compute_pool, reuse_freed_memory, scanned_pairs, take_rows
 
 
 class Kept(NamedTuple):
@@ -298,12 +298,39 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     t_check = time.monotonic()
     at = np.empty(n, np.int64)
     at[order] = np.arange(len(order))
-    for p, (sample_b, exact_b) in checks.items():  # what was delivered, against the exact top K
-        rows = (at[sample_b], slice(None))
+
+    def hits(sample, exact):
+        """Per query of `sample`: its delivered matches as good as its exact top K's, and slots."""
+        rows = (at[sample], slice(None))
         delivered = (staged_nb.get_orthogonal_selection(rows), staged_sc.get_orthogonal_selection(rows))
+        return calibrate.recall_hits(delivered, exact)
+
+    def confirmation(p, plan, size: int):
+        """Queries added to plan p's check where its estimate is ambiguous (calibrate.ambiguous),
+        as many as costs.confirmation_queries allows, and their exact top K; None where none."""
+        dims = (vecs if vecs is not None else plan.join.vectors).shape[1]
+        rescored = len(plan.queries) * calibrate.candidates_of(plan.level, k, len(plan.pool), symmetric,
+                                                               opts.max_candidates)
+        spent = size + calibrate.calibration_size(size)
+        extra = costs.confirmation_queries(scanned_pairs(plan.join, plan.probes), dims, rescored, len(plan.pool),
+                                           spent)
+        sample_c = calibrate.confirmation_sample(plan.queries, size, extra, salt=p)
+        if len(sample_c) < max(1, size // 4):  # too few to narrow the interval much
+            return None
+        return sample_c, sample_top_k(plan, p, f"confirmation-{len(sample_c)}", sample_c)
+
+    for p, (sample_b, exact_b) in checks.items():  # what was delivered, against the exact top K
         q = plans[p].quality
-        q.recall, q.lower_95 = calibrate.recall_bounds(*calibrate.recall_hits(delivered, exact_b))
+        found, slots = hits(sample_b, exact_b)
+        q.recall, q.lower_95 = calibrate.recall_bounds(found, slots)
         q.sample = len(sample_b)
+        if calibrate.ambiguous(q.recall, q.lower_95, opts.target_recall) and (
+                more := confirmation(p, plans[p], len(sample_b))) is not None:
+            more_found, more_slots = hits(*more)
+            q.recall, q.lower_95 = calibrate.recall_bounds(np.concatenate([found, more_found]),
+                                                           np.concatenate([slots, more_slots]))
+            q.confirmation = len(more[0])
+            q.sample += q.confirmation
     stats["check_s"] = stats.get("check_s", 0.0) + time.monotonic() - t_check
     summarise_quality(opts, plans, stats)
     return neighbors, scores

@@ -110,3 +110,49 @@ def test_ties_resume_and_thread_count_give_the_same_matches(tmp_path):
             results.append(staging.stage_matches(opts, profile, nodes, features, str(folder)))
     for neighbors, scores in results[1:]:
         assert np.array_equal(neighbors, results[0][0]) and np.array_equal(scores, results[0][1])
+
+
+def test_an_ambiguous_check_is_confirmed_on_more_queries_within_its_budget(tmp_path, monkeypatch):
+    """Where the check's estimate reaches the target but its lower bound does not, the check adds
+    queries (drawn after its own, seeded) as far as costs.CHECK_SHARE of the plan's counted work
+    pays for, and records the estimate over both. The many-valued member of population.FAMILY
+    at 20,000 nodes (750 search dims: a costly search per query) with a small check sample is
+    such a case: its estimate over 128 queries is ambiguous; confirmed, it still agrees with this
+    test's own recall; the matches are those of a run that does not confirm."""
+    from mtool.match import calibrate
+
+    n = 20_000
+    cols, spec = popm.member("wide", n, 1)
+    nodes = GroupNodes("g", "d", cols["reference_id"], {c: cols[c] for c in spec["keys"]}, cols["embedding"])
+    profile = prof.parse(spec)
+    features = enc.encode(profile, nodes)
+
+    def run(name):
+        # a small check sample (32 queries at least: 128 at this pool) leaves the check a budget
+        opts = engine.MatchOptions(profile, Device.CPU, staging_dir=str(tmp_path), recall_sample=32)
+        stats = {}
+        neighbors, _ = staging.stage_matches(opts, profile, nodes, features, str(tmp_path / name), stats)
+        return neighbors, stats["quality"]["plans"][0]
+
+    confirmed, after = run("confirmed")
+    again, repeated = run("again")
+    ambiguous = calibrate.ambiguous
+    monkeypatch.setattr(calibrate, "ambiguous", lambda recall, lower, target: False)
+    plain, before = run("plain")
+    assert before["confirmation"] == 0 and before["sample"] == 128
+    assert ambiguous(before["recall"], before["lower_95"], 0.99), before
+    assert after["confirmation"] > 128 // 4 and after["sample"] == 128 + after["confirmation"]
+    assert after["lower_95"] > before["lower_95"] and after["level"] == before["level"]
+    assert np.array_equal(plain, confirmed)
+    assert repeated == after and np.array_equal(again, confirmed)  # the same inputs add the same queries
+    queries = np.random.default_rng(5).choice(n, 400, replace=False)
+    everyone = np.arange(n)[None, :]
+    hits = 0
+    for q in queries:
+        s = compat.pair_scores(features, np.array([q]), everyone)
+        s[0, q] = -np.inf
+        _, exact_scores = compat.top_k(s, everyone, np.arange(n), profile.k)
+        kth = exact_scores[0][profile.k - 1]
+        found = compat.pair_scores(features, np.array([q]), confirmed[q][None, confirmed[q] >= 0])[0]
+        hits += min(profile.k, int((found >= kth - calibrate.SCORE_TOLERANCE).sum()))
+    assert abs(after["recall"] - hits / (len(queries) * profile.k)) <= 0.01, (after, hits)

@@ -140,6 +140,24 @@ def test_recall_counts_a_match_as_good_as_the_kth_best():
     assert hits.tolist() == [2, 1] and totals.tolist() == [3, 1]
 
 
+def test_a_confirmation_sample_is_disjoint_from_the_check_samples_and_seeded():
+    """The queries a check adds are new ones (not the calibration's, not its own), the same on
+    every call, and no more than the plan has; their count follows the plan's counted work."""
+    from mtool.match import calibrate, costs
+
+    queries = np.arange(1_000, 3_000)
+    a, b = calibrate.samples(queries, 512, salt=3)
+    c = calibrate.confirmation_sample(queries, 512, 700, salt=3)
+    assert len(a) == 128 and len(b) == 512 and len(c) == 700
+    assert not (set(a) | set(b)) & set(c) and set(c) <= set(queries)
+    assert np.array_equal(c, calibrate.confirmation_sample(queries, 512, 700, salt=3))
+    assert len(calibrate.confirmation_sample(queries, 512, 5_000, salt=3)) == len(queries) - 640
+    work = dict(scanned_pairs=10**9, dims=500, rescored_pairs=10**7, pool=100_000)
+    more = costs.confirmation_queries(**work, spent_queries=0)
+    assert more > 0 and costs.confirmation_queries(**work, spent_queries=more) == 0
+    assert costs.confirmation_queries(**{**work, "scanned_pairs": 2 * 10**9}, spent_queries=0) > more
+
+
 def required_features(n: int, seed: int):
     """Features with a required numeric key (NaN where missing, values on and off the scale's
     boundary), a required multi-value key over 100 items (two bitset words, some nodes without
