@@ -79,261 +79,306 @@ def stage_matches(opts, profile, group, features, staging: str, stats: dict | No
     number: (lowest level, required keys' filter)), else None. A next pass gets that `redo` and
     the `previous` pass's staging folder: the other plans' rows are copied from there.
     Returns the (n, k) neighbours and scores by node when `want_result`, else (None, None)."""
-    xp = opts.device.xp
     stats = {} if stats is None else stats
     reuse_freed_memory()
-    n, k = len(group), profile.k
-    os.makedirs(os.path.join(staging, "done"), exist_ok=True)
-    block = opts.block_rows
-    kept = None if redo is None else Kept.of(previous, redo, len(stats["plan_qualities"]))
-    plans, vecs, presence = build_plans(opts, profile, group, features, stats, kept)
-    work = work_order(plans, n)
-    position = np.empty(n, np.int64)
-    position[work] = np.arange(n)
-    order = saved_order(staging, plans)
-    if kept is not None and not np.array_equal(order, kept.order):
-        raise RuntimeError("a pass's processing order differs from the previous pass's: its plans cannot be kept")
-    plan_starts = np.cumsum([0] + [len(plan.queries) for plan in plans])
-    staged_nb = staging_array(staging, "neighbors.zarr", len(order), k, block, "int32", -1)
-    staged_sc = staging_array(staging, "scores.zarr", len(order), k, block, "float32", float("-inf"))
-    rank = xp.asarray(work)  # nodes are sorted by reference_id: a node's index is its rank
-    # Only rescoring reads the features in work order: they are copied while the first batches
-    # search (at 1M nodes the copy took 0.2-1 s, most of it first touches of fresh memory).
-    loader = ThreadPoolExecutor(1)
-    work_features = loader.submit(work_features_on, features, work, xp)
-    loader.shutdown(wait=False)
-    slot = np.zeros(n, np.int64)  # a query's row in its plan's probes (plans' queries are disjoint)
-    for plan in plans:
-        slot[plan.queries] = np.arange(len(plan.queries))
-    symmetric = not profile.bipartite
+    one = _Pass(opts, profile, group, features, staging, stats, redo, previous)
+    checks = one.calibrate()
+    neighbors, scores = one.compute_blocks(on_block, want_result)
+    one.check(checks)
+    summarise_quality(opts, one.plans, stats)
+    return neighbors, scores
 
-    def query_vectors(plan, nodes):
+
+class _Pass:
+    """One pass of stage_matches over a group: its plans, processing order and staging arrays.
+    Its stages, in the order stage_matches calls them: calibrate (each approximate plan's
+    width, and the check samples' exact top K), compute_blocks (search, rescoring, staging),
+    check (the delivered recall)."""
+
+    def __init__(self, opts, profile, group, features, staging: str, stats: dict, redo, previous):
+        self.opts, self.profile, self.features, self.staging, self.stats = opts, profile, features, staging, stats
+        self.xp = xp = opts.device.xp
+        self.n, self.k = n, k = len(group), profile.k
+        os.makedirs(os.path.join(staging, "done"), exist_ok=True)
+        self.block = block = opts.block_rows
+        self.redo = redo
+        self.kept = kept = None if redo is None else Kept.of(previous, redo, len(stats["plan_qualities"]))
+        self.plans, self.vecs, self.presence = build_plans(opts, profile, group, features, stats, kept)
+        self.work = work = work_order(self.plans, n)
+        self.position = np.empty(n, np.int64)
+        self.position[work] = np.arange(n)
+        self.order = order = saved_order(staging, self.plans)
+        if kept is not None and not np.array_equal(order, kept.order):
+            raise RuntimeError("a pass's processing order differs from the previous pass's: its plans cannot be kept")
+        self.plan_starts = np.cumsum([0] + [len(plan.queries) for plan in self.plans])
+        self.staged_nb = staging_array(staging, "neighbors.zarr", len(order), k, block, "int32", -1)
+        self.staged_sc = staging_array(staging, "scores.zarr", len(order), k, block, "float32", float("-inf"))
+        self.rank = xp.asarray(work)  # nodes are sorted by reference_id: a node's index is its rank
+        # Only rescoring reads the features in work order: they are copied while the first batches
+        # search (at 1M nodes the copy took 0.2-1 s, most of it first touches of fresh memory).
+        loader = ThreadPoolExecutor(1)
+        self.work_features = loader.submit(work_features_on, features, work, xp)
+        loader.shutdown(wait=False)
+        self.slot = np.zeros(n, np.int64)  # a query's row in its plan's probes (plans' queries are disjoint)
+        for plan in self.plans:
+            self.slot[plan.queries] = np.arange(len(plan.queries))
+        self.symmetric = not profile.bipartite
+        self.threads = 1 if xp is not np else max(1, opts.threads or os.cpu_count() or 1)
+        self.neighbors = self.scores = None  # the caller's (n, k) arrays, indexed by node
+        self.todo: set = set()  # blocks this run computes (a resumed run skips the done ones)
+        self.thread_seconds: list = []  # (search, rescoring) seconds of each batch, on its thread
+
+    # -- search and exact top K of a plan's queries (calibration, check and blocks share them)
+
+    def query_vectors(self, plan, nodes):
         # one symmetric pool: the queries are the pool, whose vectors the join holds in list order
-        return vecs[nodes] if vecs is not None else take_rows(plan.join.vectors, position[nodes] - plan.offset)
+        if self.vecs is not None:
+            return self.vecs[nodes]
+        return take_rows(plan.join.vectors, self.position[nodes] - plan.offset)
 
-    def to_nodes(nb):
-        return np.where(nb >= 0, work[np.maximum(nb, 0)], -1)
+    def to_nodes(self, nb):
+        return np.where(nb >= 0, self.work[np.maximum(nb, 0)], -1)
 
-    def exact_top_k(plan, nodes):
+    def top_k(self, plan, nodes, candidates):
+        """The plan's top K of `nodes` by the kernel over `candidates` (None: the whole pool), in
+        positions of the work order."""
+        return top_k_for(self.position[nodes], candidates, plan.offset, len(plan.pool), self.work_features.result(),
+                         self.rank, self.k, self.xp, self.symmetric)
+
+    def exact_top_k(self, plan, nodes):
         """The exact top K (nodes, scores) of a sample of queries over the whole pool, on the
         compute threads (every pair of the sample is scored: the recall check's main cost)."""
-        def part(chunk):
-            return top_k_for(position[chunk], None, plan.offset, len(plan.pool), work_features.result(), rank, k,
-                             xp, symmetric)
-        threads = 1 if xp is not np else max(1, opts.threads or os.cpu_count() or 1)
+        threads = self.threads
         # a chunk per thread at least, SCAN_QUERIES a chunk at most (pool_top_k's matrix products)
         chunks = np.array_split(nodes, min(len(nodes), max(threads, -(-len(nodes) // SCAN_QUERIES)))) \
             if len(nodes) else [nodes]
         with compute_pool(threads) as pool:
-            parts = list(pool.map(part, chunks))
-        return to_nodes(np.concatenate([nb for nb, _ in parts])), np.concatenate([sc for _, sc in parts])
+            parts = list(pool.map(lambda chunk: self.top_k(plan, chunk, None), chunks))
+        return self.to_nodes(np.concatenate([nb for nb, _ in parts])), np.concatenate([sc for _, sc in parts])
 
-    def sample_top_k(plan, p, name, sample):
+    def sample_top_k(self, plan, p, name, sample):
         """A sample's exact top K, computed once a cycle: a pass that computes the plan again
         draws the same sample."""
-        cache = stats["search_cache"]["samples"].setdefault(p, {})
+        cache = self.stats["search_cache"]["samples"].setdefault(p, {})
         if name not in cache:
-            cache[name] = exact_top_k(plan, sample)
+            cache[name] = self.exact_top_k(plan, sample)
         return cache[name]
 
-    def terms(nodes):
-        return None if presence is None else presence.query_terms(nodes)
+    def terms(self, nodes):
+        return None if self.presence is None else self.presence.query_terms(nodes)
 
-    def allowed(plan, nodes):
+    def allowed(self, plan, nodes):
         return None if plan.required is None else plan.required.queries(nodes)
 
-    def searched_top_k(plan, nodes, level, filtered=True):
-        qv = query_vectors(plan, nodes)
-        count = calibrate.candidates_of(level, k, len(plan.pool), symmetric, opts.max_candidates)
+    def candidates(self, plan, level: int) -> int:
+        return calibrate.candidates_of(level, self.k, len(plan.pool), self.symmetric, self.opts.max_candidates)
+
+    def searched_top_k(self, plan, nodes, level, filtered=True):
+        qv = self.query_vectors(plan, nodes)
+        terms = self.terms(nodes)
         with compute_pool(1):  # one BLAS/OpenMP thread: the same arithmetic as the blocks'
-            found = plan.join.search(qv, plan.join.probes(qv, calibrate.LEVELS[level], terms(nodes)), count,
-                                     terms(nodes), allowed(plan, nodes) if filtered else None)
-        nb, sc = top_k_for(position[nodes], found, plan.offset, len(plan.pool), work_features.result(), rank, k, xp,
-                           symmetric)
-        return to_nodes(nb), sc
+            found = plan.join.search(qv, plan.join.probes(qv, calibrate.LEVELS[level], terms),
+                                     self.candidates(plan, level), terms,
+                                     self.allowed(plan, nodes) if filtered else None)
+        nb, sc = self.top_k(plan, nodes, found)
+        return self.to_nodes(nb), sc
 
-    t_cal = time.monotonic()
-    check_exact_s = 0.0  # the check sample's exact top K, computed here but the check's cost
-    checks = {}  # plan number: (verification sample, its exact top K)
-    for p, plan in enumerate(plans):
-        if plan.kept:
-            plan.quality = stats["plan_qualities"][p]
-            continue
-        plan.quality = calibrate.PlanQuality(len(plan.queries), len(plan.pool), calibrate.EXACT, len(plan.pool))
-        if plan.join is None:
-            continue
-        floor, filtered = (redo or {}).get(p, (0, False))
-        levels = calibrate.allowed_levels(k, len(plan.pool), floor, opts.max_candidates)
-        sample_a, sample_b = calibrate.samples(plan.queries, calibrate.sample_size(opts.recall_sample, len(plan.pool)),
-                                               salt=p)
-        exact_a = sample_top_k(plan, p, "calibration", sample_a)
-        level = None
-        if plan.required is not None and filtered:
-            plan.quality.filtered = True  # an earlier pass fell short without the filter
-        elif plan.required is not None and calibrate.LEVELS[levels[0]] is not None and not calibrate.needs_filter(
-                levels[0], opts.target_recall, sample_a, exact_a,
-                lambda nodes, lv, plan=plan: searched_top_k(plan, nodes, lv, filtered=False), plan.quality):
-            plan.required, level = None, levels[0]  # the narrowest reached the target unfiltered
-        if level is None:
-            level = calibrate.calibrate(levels, opts.target_recall, sample_a, exact_a,
-                                        lambda nodes, lv, plan=plan: searched_top_k(plan, nodes, lv), plan.quality)
-        plan.level = plan.quality.level = level
-        plan.quality.candidates = calibrate.candidates_of(level, k, len(plan.pool), symmetric, opts.max_candidates)
-        plan.quality.widest = level == levels[-1]
-        if calibrate.LEVELS[level] is None:
-            plan.join = plan.probes = None  # exact fallback: the whole (contiguous) pool
-        else:
-            t_exact = time.monotonic()
-            checks[p] = (sample_b, sample_top_k(plan, p, "check", sample_b))
-            check_exact_s += time.monotonic() - t_exact
-            if level > 0:
-                plan.probes = plan.join.probes(query_vectors(plan, plan.queries), calibrate.LEVELS[level],
-                                               terms(plan.queries))
-    stats["calibration_s"] = stats.get("calibration_s", 0.0) + time.monotonic() - t_cal - check_exact_s
-    stats["check_s"] = stats.get("check_s", 0.0) + check_exact_s
+    # -- stage 1: calibration
 
-    def span(b: int) -> tuple[int, int]:
+    def calibrate(self) -> dict:
+        """Each approximate plan's search width (calibrate.py), and its check sample with that
+        sample's exact top K: {plan number: (sample, exact top K)}."""
+        opts, stats = self.opts, self.stats
+        t_cal = time.monotonic()
+        check_exact_s = 0.0  # the check sample's exact top K, computed here but the check's cost
+        checks = {}
+        for p, plan in enumerate(self.plans):
+            if plan.kept:
+                plan.quality = stats["plan_qualities"][p]
+                continue
+            plan.quality = calibrate.PlanQuality(len(plan.queries), len(plan.pool), calibrate.EXACT, len(plan.pool))
+            if plan.join is None:
+                continue
+            floor, filtered = (self.redo or {}).get(p, (0, False))
+            levels = calibrate.allowed_levels(self.k, len(plan.pool), floor, opts.max_candidates)
+            sample_a, sample_b = calibrate.samples(plan.queries,
+                                                   calibrate.sample_size(opts.recall_sample, len(plan.pool)), salt=p)
+            exact_a = self.sample_top_k(plan, p, "calibration", sample_a)
+            level = None
+            if plan.required is not None and filtered:
+                plan.quality.filtered = True  # an earlier pass fell short without the filter
+            elif plan.required is not None and calibrate.LEVELS[levels[0]] is not None and not calibrate.needs_filter(
+                    levels[0], opts.target_recall, sample_a, exact_a,
+                    lambda nodes, lv, plan=plan: self.searched_top_k(plan, nodes, lv, filtered=False), plan.quality):
+                plan.required, level = None, levels[0]  # the narrowest reached the target unfiltered
+            if level is None:
+                level = calibrate.calibrate(levels, opts.target_recall, sample_a, exact_a,
+                                            lambda nodes, lv, plan=plan: self.searched_top_k(plan, nodes, lv),
+                                            plan.quality)
+            plan.level = plan.quality.level = level
+            plan.quality.candidates = self.candidates(plan, level)
+            plan.quality.widest = level == levels[-1]
+            if calibrate.LEVELS[level] is None:
+                plan.join = plan.probes = None  # exact fallback: the whole (contiguous) pool
+            else:
+                t_exact = time.monotonic()
+                checks[p] = (sample_b, self.sample_top_k(plan, p, "check", sample_b))
+                check_exact_s += time.monotonic() - t_exact
+                if level > 0:
+                    plan.probes = plan.join.probes(self.query_vectors(plan, plan.queries), calibrate.LEVELS[level],
+                                                   self.terms(plan.queries))
+        stats["calibration_s"] = stats.get("calibration_s", 0.0) + time.monotonic() - t_cal - check_exact_s
+        stats["check_s"] = stats.get("check_s", 0.0) + check_exact_s
+        return checks
+
+    # -- stage 2: the blocks
+
+    def span(self, b: int) -> tuple[int, int]:
         """Block b's rows of the order."""
-        return b * block, min(len(order), (b + 1) * block)
+        return b * self.block, min(len(self.order), (b + 1) * self.block)
 
-    def plan_rows(first: int, last: int):
+    def plan_rows(self, first: int, last: int):
         """(plan number, plan, lo, hi) for each plan holding rows of first..last of the order."""
-        for p, plan in enumerate(plans):
-            lo, hi = max(first, plan_starts[p]), min(last, plan_starts[p + 1])
+        for p, plan in enumerate(self.plans):
+            lo, hi = max(first, self.plan_starts[p]), min(last, self.plan_starts[p + 1])
             if lo < hi:
                 yield p, plan, lo, hi
 
-    def search(first: int, last: int) -> dict:
+    def search(self, first: int, last: int) -> dict:
         """Candidates of the rows first..last of the order: {plan: (its first row, candidates)}."""
         found = {}
-        for p, plan, lo, hi in plan_rows(first, last):
+        for p, plan, lo, hi in self.plan_rows(first, last):
             if plan.join is not None:
-                queries = order[lo:hi]  # the saved order: a resumed run's blocks mean the same nodes
-                count = calibrate.candidates_of(plan.level, k, len(plan.pool), symmetric, opts.max_candidates)
-                found[p] = (lo, plan.join.search(query_vectors(plan, queries), plan.probes[slot[queries]], count,
-                                                 terms(queries), allowed(plan, queries)))
+                queries = self.order[lo:hi]  # the saved order: a resumed run's blocks mean the same nodes
+                found[p] = (lo, plan.join.search(self.query_vectors(plan, queries), plan.probes[self.slot[queries]],
+                                                 self.candidates(plan, plan.level), self.terms(queries),
+                                                 self.allowed(plan, queries)))
         return found
 
-    def stage_block(b: int, found: dict) -> None:
+    def stage_block(self, b: int, found: dict, on_block) -> None:
         """Rescore block b's candidates, stage its top K and mark it done."""
-        start, stop = span(b)
-        out_nb = np.full((stop - start, k), -1, np.int32)
-        out_sc = np.full((stop - start, k), -np.inf, np.float32)
-        for p, plan, lo, hi in plan_rows(start, stop):
+        start, stop = self.span(b)
+        out_nb = np.full((stop - start, self.k), -1, np.int32)
+        out_sc = np.full((stop - start, self.k), -np.inf, np.float32)
+        for p, plan, lo, hi in self.plan_rows(start, stop):
             if plan.kept:  # as the previous pass staged them (the same order)
-                out_nb[lo - start:hi - start] = kept.neighbors[lo:hi]
-                out_sc[lo - start:hi - start] = kept.scores[lo:hi]
+                out_nb[lo - start:hi - start] = self.kept.neighbors[lo:hi]
+                out_sc[lo - start:hi - start] = self.kept.scores[lo:hi]
                 continue
             candidates = None  # an exact pool: all of it
             if p in found:
                 at, rows = found[p]
                 candidates = rows[lo - at:hi - at]
-            nb, sc = top_k_for(position[order[lo:hi]], candidates, plan.offset, len(plan.pool),
-                                work_features.result(), rank, k, xp, not profile.bipartite)
-            out_nb[lo - start:hi - start] = np.where(nb >= 0, work[np.maximum(nb, 0)], -1)
+            nb, sc = self.top_k(plan, self.order[lo:hi], candidates)
+            out_nb[lo - start:hi - start] = self.to_nodes(nb)
             out_sc[lo - start:hi - start] = sc
-        staged_nb[start:stop] = out_nb
-        staged_sc[start:stop] = out_sc
-        if neighbors is not None:  # kept in memory too: reading 1M nodes' arrays back took ~1 s
-            neighbors[order[start:stop]] = out_nb
-            scores[order[start:stop]] = out_sc
-        with open(os.path.join(staging, "done", f"{b}"), "w"):
+        self.staged_nb[start:stop] = out_nb
+        self.staged_sc[start:stop] = out_sc
+        if self.neighbors is not None:  # kept in memory too: reading 1M nodes' arrays back took ~1 s
+            self.neighbors[self.order[start:stop]] = out_nb
+            self.scores[self.order[start:stop]] = out_sc
+        with open(os.path.join(self.staging, "done", f"{b}"), "w"):
             pass
         if on_block:
             on_block(b)
-        if opts.on_nodes:
-            opts.on_nodes(stop - start)
+        if self.opts.on_nodes:
+            self.opts.on_nodes(stop - start)
         faults.crash_point("match-block-done")
 
-    def run_batch(batch: list) -> list:
+    def run_batch(self, batch: list, on_block) -> list:
         """Consecutive blocks searched as one (bigger list-join matrix products: at 1M nodes,
         65,536 query rows searched together took 0.75x the time of 16,384), then staged block
         by block. A query's candidates depend on its own probes only, so the grouping of blocks
         does not change the result. Returns each block's seconds (the batch's time shared out)."""
         t_batch = time.monotonic()
-        found = search(span(batch[0])[0], span(batch[-1])[1])
+        found = self.search(self.span(batch[0])[0], self.span(batch[-1])[1])
         t_found = time.monotonic()
-        batch = [b for b in batch if b in todo_set]  # resuming: the batch is searched whole, as before
+        batch = [b for b in batch if b in self.todo]  # resuming: the batch is searched whole, as before
         for b in batch:
-            stage_block(b, found)
-        thread_seconds.append((t_found - t_batch, time.monotonic() - t_found))
+            self.stage_block(b, found, on_block)
+        self.thread_seconds.append((t_found - t_batch, time.monotonic() - t_found))
         return [(time.monotonic() - t_batch) / len(batch)] * len(batch)
 
-    neighbors = scores = None
-    if want_result:  # the caller's (n, k) arrays, indexed by node
-        neighbors = np.full((n, k), -1, np.int32)
-        scores = np.full((n, k), -np.inf, np.float32)
-    blocks = range(-(-len(order) // block))
-    todo = [b for b in blocks if not os.path.exists(os.path.join(staging, "done", f"{b}"))]
-    todo_set = set(todo)
-    finished = sorted(set(blocks) - set(todo))  # by a killed run
-    if on_block:  # resuming: blocks a killed run finished are fed again (the load table is new)
-        for b in finished:
-            on_block(b)
-    if opts.on_nodes and finished:  # and count as progress
-        opts.on_nodes(sum(stop - start for start, stop in map(span, finished)))
-    threads = 1 if xp is not np else max(1, opts.threads or os.cpu_count() or 1)
-    batches = [batch for batch in search_batches(len(blocks), block) if todo_set.intersection(batch)]
-    seconds = stats.setdefault("block_seconds", [])
-    thread_seconds = []  # (search, rescoring) seconds of each batch, on its thread
-    t_blocks = time.monotonic()
-    if xp is not np:
-        for batch in batches:
-            seconds.extend(run_batch(batch))
-    else:  # through the pool also with one thread (compute_pool says why)
-        with compute_pool(threads) as pool:
-            for done in pool.map(run_batch, batches):
-                seconds.extend(done)
-    # The blocks' wall time shared out by their threads' seconds: search and rescoring overlap
-    # on the compute threads, so each stage's share of the wall time is what a reader can add up.
-    blocks_s = time.monotonic() - t_blocks
-    searched, rescored = (sum(x) for x in zip(*thread_seconds)) if thread_seconds else (0.0, 0.0)
-    share = blocks_s / (searched + rescored) if searched + rescored else 0.0
-    stats["search_s"] = stats.get("search_s", 0.0) + searched * share
-    stats["rescore_s"] = stats.get("rescore_s", 0.0) + rescored * share
-    if neighbors is not None:
-        for start, stop in map(span, finished):  # blocks of a killed run: from the staging arrays
-            neighbors[order[start:stop]] = staged_nb[start:stop]
-            scores[order[start:stop]] = staged_sc[start:stop]
-    t_check = time.monotonic()
-    at = np.empty(n, np.int64)
-    at[order] = np.arange(len(order))
+    def compute_blocks(self, on_block, want_result: bool):
+        """Every block not done yet, in search batches on the compute threads; returns the
+        (n, k) neighbours and scores by node when `want_result`, else (None, None)."""
+        stats, opts = self.stats, self.opts
+        if want_result:
+            self.neighbors = np.full((self.n, self.k), -1, np.int32)
+            self.scores = np.full((self.n, self.k), -np.inf, np.float32)
+        blocks = range(-(-len(self.order) // self.block))
+        todo = [b for b in blocks if not os.path.exists(os.path.join(self.staging, "done", f"{b}"))]
+        self.todo = set(todo)
+        finished = sorted(set(blocks) - self.todo)  # by a killed run
+        if on_block:  # resuming: blocks a killed run finished are fed again (the load table is new)
+            for b in finished:
+                on_block(b)
+        if opts.on_nodes and finished:  # and count as progress
+            opts.on_nodes(sum(stop - start for start, stop in map(self.span, finished)))
+        batches = [batch for batch in search_batches(len(blocks), self.block) if self.todo.intersection(batch)]
+        seconds = stats.setdefault("block_seconds", [])
+        t_blocks = time.monotonic()
+        if self.xp is not np:
+            for batch in batches:
+                seconds.extend(self.run_batch(batch, on_block))
+        else:  # through the pool also with one thread (compute_pool says why)
+            with compute_pool(self.threads) as pool:
+                for done in pool.map(lambda batch: self.run_batch(batch, on_block), batches):
+                    seconds.extend(done)
+        # The blocks' wall time shared out by their threads' seconds: search and rescoring overlap
+        # on the compute threads, so each stage's share of the wall time is what a reader can add up.
+        blocks_s = time.monotonic() - t_blocks
+        searched, rescored = (sum(x) for x in zip(*self.thread_seconds)) if self.thread_seconds else (0.0, 0.0)
+        share = blocks_s / (searched + rescored) if searched + rescored else 0.0
+        stats["search_s"] = stats.get("search_s", 0.0) + searched * share
+        stats["rescore_s"] = stats.get("rescore_s", 0.0) + rescored * share
+        if self.neighbors is not None:
+            for start, stop in map(self.span, finished):  # blocks of a killed run: from the staging arrays
+                self.neighbors[self.order[start:stop]] = self.staged_nb[start:stop]
+                self.scores[self.order[start:stop]] = self.staged_sc[start:stop]
+        return self.neighbors, self.scores
 
-    def hits(sample, exact):
-        """Per query of `sample`: its delivered matches as good as its exact top K's, and slots."""
-        rows = (at[sample], slice(None))
-        delivered = (staged_nb.get_orthogonal_selection(rows), staged_sc.get_orthogonal_selection(rows))
-        return calibrate.recall_hits(delivered, exact)
+    # -- stage 3: the check
 
-    def confirmation(p, plan, size: int):
-        """Queries added to plan p's check where its estimate is ambiguous (calibrate.ambiguous),
-        as many as costs.confirmation_queries allows, and their exact top K; None where none."""
-        dims = (vecs if vecs is not None else plan.join.vectors).shape[1]
-        rescored = len(plan.queries) * calibrate.candidates_of(plan.level, k, len(plan.pool), symmetric,
-                                                               opts.max_candidates)
+    def check(self, checks: dict) -> None:
+        """Each checked plan's delivered recall on its sample, confirmed on more queries where
+        ambiguous (calibrate.ambiguous), into its quality."""
+        t_check = time.monotonic()
+        at = np.empty(self.n, np.int64)
+        at[self.order] = np.arange(len(self.order))
+
+        def hits(sample, exact):
+            """Per query of `sample`: its delivered matches as good as its exact top K's, and slots."""
+            rows = (at[sample], slice(None))
+            delivered = (self.staged_nb.get_orthogonal_selection(rows), self.staged_sc.get_orthogonal_selection(rows))
+            return calibrate.recall_hits(delivered, exact)
+
+        for p, (sample_b, exact_b) in checks.items():  # what was delivered, against the exact top K
+            q = self.plans[p].quality
+            found, slots = hits(sample_b, exact_b)
+            q.recall, q.lower_95 = calibrate.recall_bounds(found, slots)
+            q.sample = len(sample_b)
+            if calibrate.ambiguous(q.recall, q.lower_95, self.opts.target_recall) and (
+                    more := self.confirmation(p, self.plans[p], len(sample_b))) is not None:
+                more_found, more_slots = hits(*more)
+                q.recall, q.lower_95 = calibrate.recall_bounds(np.concatenate([found, more_found]),
+                                                               np.concatenate([slots, more_slots]))
+                q.confirmation = len(more[0])
+                q.sample += q.confirmation
+        self.stats["check_s"] = self.stats.get("check_s", 0.0) + time.monotonic() - t_check
+
+    def confirmation(self, p, plan, size: int):
+        """Queries added to plan p's check where its estimate is ambiguous, as many as
+        costs.confirmation_queries allows, and their exact top K; None where too few."""
+        dims = (self.vecs if self.vecs is not None else plan.join.vectors).shape[1]
+        rescored = len(plan.queries) * self.candidates(plan, plan.level)
         spent = size + calibrate.calibration_size(size)
         extra = costs.confirmation_queries(scanned_pairs(plan.join, plan.probes), dims, rescored, len(plan.pool),
                                            spent)
         sample_c = calibrate.confirmation_sample(plan.queries, size, extra, salt=p)
         if len(sample_c) < max(1, size // 4):  # too few to narrow the interval much
             return None
-        return sample_c, sample_top_k(plan, p, f"confirmation-{len(sample_c)}", sample_c)
-
-    for p, (sample_b, exact_b) in checks.items():  # what was delivered, against the exact top K
-        q = plans[p].quality
-        found, slots = hits(sample_b, exact_b)
-        q.recall, q.lower_95 = calibrate.recall_bounds(found, slots)
-        q.sample = len(sample_b)
-        if calibrate.ambiguous(q.recall, q.lower_95, opts.target_recall) and (
-                more := confirmation(p, plans[p], len(sample_b))) is not None:
-            more_found, more_slots = hits(*more)
-            q.recall, q.lower_95 = calibrate.recall_bounds(np.concatenate([found, more_found]),
-                                                           np.concatenate([slots, more_slots]))
-            q.confirmation = len(more[0])
-            q.sample += q.confirmation
-    stats["check_s"] = stats.get("check_s", 0.0) + time.monotonic() - t_check
-    summarise_quality(opts, plans, stats)
-    return neighbors, scores
+        return sample_c, self.sample_top_k(plan, p, f"confirmation-{len(sample_c)}", sample_c)
 
 
 def stage_in_passes(opts, profile, group, features, root: str, stats: dict | None = None,
