@@ -163,7 +163,9 @@ def run_family(args) -> None:
         rec, lower, same = family_recall(profile, nodes, features, nb, args.sample)
         q = stats["quality"]
         plans = "; ".join(f"{p['queries']}q/{p['pool']}p level {p['level']} ({p['candidates']} cand."
-                          + {True: ", required filter", False: ", no filter needed", None: ""}[p["required_filter"]] + ")"
+                          + {True: ", required filter", False: ", no filter needed", None: ""}[p["required_filter"]]
+                          + (f", check {p['sample']} q. incl. {p['confirmation']} confirming" if p["confirmation"] else "")
+                          + ")"
                           for p in q["plans"][:4]) + (f"; +{len(q['plans']) - 4} plans" if len(q["plans"]) > 4 else "")
         print(f"{kind:<10} recall@{args.k} {rec:.4f} (benchmark's sample, 95% interval +-{rec - lower:.4f}; same nodes {same:.4f}) | estimate {q['recall_estimate']:.4f} "
               f"(lower {q['recall_lower_95']:.4f}) | {args.nodes / dt:>8,.0f} nodes/s ({dt:.1f} s, {stats['passes']} pass(es), calibration "
