@@ -15,6 +15,15 @@ from mtool.match.nodes import GroupNodes
 from mtool.match.costs import SMALLEST
 
 
+def exact_top_k(features, q: int, n: int, k: int):
+    """Node q's exact top K (nodes, scores) over the whole group by the kernel, itself excluded."""
+    everyone = np.arange(n)[None, :]
+    s = compat.pair_scores(features, np.array([q]), everyone)
+    s[0, q] = -np.inf
+    nodes, scores = compat.top_k(s, everyone, np.arange(n), k)
+    return nodes[0], scores[0]
+
+
 def test_approximate_mode_reaches_recall_099(tmp_path):
     n = 12_000
     assert n > SMALLEST  # the list join, not the exact path (costs.py)
@@ -25,12 +34,9 @@ def test_approximate_mode_reaches_recall_099(tmp_path):
     opts = engine.MatchOptions(profile, Device.CPU, staging_dir=str(tmp_path))
     neighbors, _ = staging.stage_matches(opts, profile, nodes, features, str(tmp_path / "g"))
     queries = np.random.default_rng(0).choice(n, 150, replace=False)
-    everyone = np.arange(n)[None, :]
     hits = 0
     for q in queries:
-        s = compat.pair_scores(features, np.array([q]), everyone)
-        s[0, q] = -np.inf
-        exact = compat.top_k(s, everyone, np.arange(n), profile.k)[0][0]
+        exact, _ = exact_top_k(features, q, n, profile.k)
         hits += len(set(exact) & set(neighbors[q]))
         assert q not in neighbors[q]
     assert hits / (len(queries) * profile.k) >= 0.99
@@ -146,13 +152,9 @@ def test_an_ambiguous_check_is_confirmed_on_more_queries_within_its_budget(tmp_p
     assert np.array_equal(plain, confirmed)
     assert repeated == after and np.array_equal(again, confirmed)  # the same inputs add the same queries
     queries = np.random.default_rng(5).choice(n, 400, replace=False)
-    everyone = np.arange(n)[None, :]
     hits = 0
     for q in queries:
-        s = compat.pair_scores(features, np.array([q]), everyone)
-        s[0, q] = -np.inf
-        _, exact_scores = compat.top_k(s, everyone, np.arange(n), profile.k)
-        kth = exact_scores[0][profile.k - 1]
+        kth = exact_top_k(features, q, n, profile.k)[1][profile.k - 1]
         found = compat.pair_scores(features, np.array([q]), confirmed[q][None, confirmed[q] >= 0])[0]
         hits += min(profile.k, int((found >= kth - calibrate.SCORE_TOLERANCE).sum()))
     assert abs(after["recall"] - hits / (len(queries) * profile.k)) <= 0.01, (after, hits)
