@@ -613,7 +613,7 @@ def nodes_import(obj, uris, group_id, domain_id, mapping, max_rejects, rejects_f
 @opt("--recall-sample", type=click.IntRange(8, 100_000), default=128, show_default=True,
      help="Queries of the recall check's sample per search plan, at least: up to 4x as many where the pool is "
           "small enough that their exact top K stays cheap (10^8 pairs). Calibration draws a quarter of it. "
-          "Where the estimate reaches the target but its 95% lower bound does not, the check adds queries, "
+          "Where the target lies within the estimate's 95% interval, the check adds queries, "
           "as many as a tenth of the plan's search work pays for.")
 @opt("--allow-empty", is_flag=True,
      help="Let a cycle that found no edge (an empty side, no comparable data) replace the group's matches "

@@ -7,9 +7,9 @@ computed by the compatibility kernel over the whole pool (required keys and side
   first whose recall on A reaches the target is kept for the whole plan;
 - verification: after the plan's blocks are computed, sample B's delivered matches are compared
   with their exact top K. That is the estimate the cycle records, with a 95% lower bound (from
-  the spread between the sample's queries: recall_bounds). Where that estimate reaches the
-  target but its lower bound does not (`ambiguous`), the check adds queries (confirmation_sample)
-  as far as costs.confirmation_queries allows, and the estimate is over both. When it falls short
+  the spread between the sample's queries: recall_bounds). Where the target lies within that
+  estimate's 95% interval (`ambiguous`), the check adds queries (confirmation_sample) as far as
+  costs.confirmation_queries allows, and the estimate is over both. When it falls short
   of the target and a wider level is allowed, the engine computes the group again from that
   level (staging.stage_in_passes).
 A plan whose widest allowed level stays short (the pool too large for the exact fallback, or
@@ -140,9 +140,11 @@ def _drawn(queries: np.ndarray, size: int, salt: int) -> tuple[np.ndarray, int, 
 
 
 def ambiguous(recall: float, lower: float, target: float) -> bool:
-    """The check's estimate reaches the target but its 95% lower bound does not: a larger
-    sample would tell whether the plan is short (staging confirms it where the budget allows)."""
-    return lower < target <= recall
+    """The target lies within the check's 95% interval: a larger sample would tell better
+    whether the plan is short (staging confirms it where the budget allows). Both sides: above
+    the target, a plan just short would be delivered; below it, a plan that met it would be
+    computed again wider, a whole pass more."""
+    return lower < target <= upper(recall, lower)
 
 
 def recall_hits(found: np.ndarray, exact: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

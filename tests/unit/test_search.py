@@ -151,6 +151,9 @@ def test_a_confirmation_sample_is_disjoint_from_the_check_samples_and_seeded():
     assert len(a) == 128 and len(b) == 512 and len(c) == 700
     assert not (set(a) | set(b)) & set(c) and set(c) <= set(queries)
     assert np.array_equal(c, calibrate.confirmation_sample(queries, 512, 700, salt=3))
+    # the target within the estimate's 95% interval, on either side of the estimate
+    assert calibrate.ambiguous(0.992, 0.988, 0.99) and calibrate.ambiguous(0.989, 0.985, 0.99)
+    assert not calibrate.ambiguous(0.995, 0.991, 0.99) and not calibrate.ambiguous(0.98, 0.975, 0.99)
     assert len(calibrate.confirmation_sample(queries, 512, 5_000, salt=3)) == len(queries) - 640
     work = dict(scanned_pairs=10**9, dims=500, rescored_pairs=10**7, pool=100_000)
     more = costs.confirmation_queries(**work, spent_queries=0)
