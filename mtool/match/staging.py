@@ -369,12 +369,14 @@ class _Pass:
 
     def confirmation(self, p, plan, size: int):
         """Queries added to plan p's check where its estimate is ambiguous, as many as
-        costs.confirmation_queries allows, and their exact top K; None where too few."""
+        costs.confirmation_queries allows (calibrate.confirmation_floor at least), and their
+        exact top K; None where too few."""
         dims = (self.vecs if self.vecs is not None else plan.join.vectors).shape[1]
         rescored = len(plan.queries) * self.candidates(plan, plan.level)
         spent = size + calibrate.calibration_size(size)
-        extra = costs.confirmation_queries(scanned_pairs(plan.join, plan.probes), dims, rescored, len(plan.pool),
-                                           spent)
+        extra = max(costs.confirmation_queries(scanned_pairs(plan.join, plan.probes), dims, rescored,
+                                               len(plan.pool), spent),
+                    calibrate.confirmation_floor(size, spent, len(plan.pool)))
         sample_c = calibrate.confirmation_sample(plan.queries, size, extra, salt=p)
         if len(sample_c) < max(1, size // 4):  # too few to narrow the interval much
             return None
