@@ -151,6 +151,10 @@ def test_a_confirmation_sample_is_disjoint_from_the_check_samples_and_seeded():
     assert len(a) == 128 and len(b) == 512 and len(c) == 700
     assert not (set(a) | set(b)) & set(c) and set(c) <= set(queries)
     assert np.array_equal(c, calibrate.confirmation_sample(queries, 512, 700, salt=3))
+    # at least one more check sample, while all samples stay within CHECK_PAIRS
+    assert calibrate.confirmation_floor(512, 640, 100_000) == 360
+    assert calibrate.confirmation_floor(128, 160, 20_000) == 128
+    assert calibrate.confirmation_floor(128, 160, 1_000_000) == 0
     # the target within the estimate's 95% interval, on either side of the estimate
     assert calibrate.ambiguous(0.992, 0.988, 0.99) and calibrate.ambiguous(0.989, 0.985, 0.99)
     assert not calibrate.ambiguous(0.995, 0.991, 0.99) and not calibrate.ambiguous(0.98, 0.975, 0.99)
