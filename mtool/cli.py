@@ -614,7 +614,7 @@ def nodes_import(obj, uris, group_id, domain_id, mapping, max_rejects, rejects_f
      help="Queries of the recall check's sample per search plan, at least: up to 4x as many where the pool is "
           "small enough that their exact top K stays cheap (10^8 pairs). Calibration draws a quarter of it. "
           "Where the target lies within the estimate's 95% interval, the check adds queries, "
-          "as many as a tenth of the plan's search work pays for.")
+          "as many as a tenth of the plan's search work pays for (one more sample at least, within 10^8 pairs).")
 @opt("--allow-empty", is_flag=True,
      help="Let a cycle that found no edge (an empty side, no comparable data) replace the group's matches "
           "with none. Without it such a group is SKIPPED, its previous matches kept, and the exit code is 3.")

@@ -145,7 +145,7 @@ def confirmation_floor(size: int, spent: int, pool: int) -> int:
     allows the check alone). A cheap search buys no confirmation by its budget, and seed 5's
     strict member of population.FAMILY (level 0, 100,000 nodes) was delivered at an estimate of
     0.9904 on 512 queries (lower bound 0.9861) where 12,000 queries measured 0.9879. At 100,000
-    nodes this adds 360 queries (0.8 s on 2 cores); at 1M none (the samples' 160 queries are
+    nodes this adds 360 queries (about 0.8 s on 2 cores by costs.PAIR_NS); at 1M none (the samples' 160 queries are
     past CHECK_PAIRS already), so the 1M cycle's check stays within its tenth."""
     return int(max(0, min(size, CHECK_PAIRS // max(1, pool) - spent)))
 

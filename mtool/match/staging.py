@@ -96,7 +96,7 @@ class _Pass:
     check (the delivered recall)."""
 
     def __init__(self, opts, profile, group, features, staging: str, stats: dict, redo, previous):
-        self.opts, self.profile, self.features, self.staging, self.stats = opts, profile, features, staging, stats
+        self.opts, self.staging, self.stats = opts, staging, stats
         self.xp = xp = opts.device.xp
         self.n, self.k = n, k = len(group), profile.k
         os.makedirs(os.path.join(staging, "done"), exist_ok=True)

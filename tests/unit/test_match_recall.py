@@ -121,7 +121,7 @@ def test_ties_resume_and_thread_count_give_the_same_matches(tmp_path):
 def test_an_ambiguous_check_is_confirmed_on_more_queries_within_its_budget(tmp_path, monkeypatch):
     """Where the target lies within the check's 95% interval, the check adds
     queries (drawn after its own, seeded) as far as costs.CHECK_SHARE of the plan's counted work
-    pays for, and records the estimate over both. The many-valued member of population.FAMILY
+    pays for (calibrate.confirmation_floor at least), and records the estimate over both. The many-valued member of population.FAMILY
     at 20,000 nodes (750 search dims: a costly search per query) with a small check sample is
     such a case: its estimate over 128 queries is ambiguous; confirmed, it still agrees with this
     test's own recall; the matches are those of a run that does not confirm."""
