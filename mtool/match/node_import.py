@@ -4,14 +4,14 @@ Plan: resolve the files, check every schema, find or create the job by the files
 (an import that already COMPLETED does no work), take the job's lock.
 Load: each file is read in batches of BATCH_ROWS rows; a batch is validated and encoded for
 binary COPY column by column (Arrow compute and NumPy, no per-row Python but for a `metadata`
-column of JSON text or maps); its good rows go into the job's load table (a plain table, no key) and its rejects into
-import_rejects, with the batch's checkpoint, in one transaction. A killed import resumes after
-its last committed batch.
-Commit, in one transaction with the job COMPLETED: where the job holds one group that has no
-nodes yet (a group's first import), its load table gets the key, built once by sort, and
-becomes the group's partition of `nodes` (ATTACH); else its rows replace (upsert) the nodes of
-their groups, a key read twice keeping its last row. Past --max-rejects the job FAILS and
-nothing reaches `nodes`.
+column of JSON text or maps); its good rows go into the batch's own table under the job's load
+table (INHERITS) and its rejects into import_rejects, with the batch's checkpoint, in one
+transaction. A killed import resumes after its last committed batch. Batches of new groups are
+inserted into `nodes` as they load, in one transaction held open to the commit (node_forward).
+Commit: that transaction with the job COMPLETED; else (an update, a key read twice, a resumed
+run) in one transaction the load table's rows replace (upsert) the nodes, a key read twice
+keeping its last row, and the job is COMPLETED. Past --max-rejects the job FAILS and nothing
+reaches `nodes`, as before.
 """
 
 from __future__ import annotations
@@ -34,14 +34,13 @@ from mtool.errors import InvalidInput, JobBusy, UsageError
 from mtool.io import copy as pgcopy
 from mtool.io import sources
 from mtool.io.pipeline import prefetched
+from mtool.match.node_forward import COLUMNS, Forward
 from mtool.match.nodes import FLOAT4_OID, MAX_ID_CHARS, NODE_COLUMNS, NodesResult
 
 log = logging.getLogger(__name__)
 BATCH_ROWS = 100_000  # rows per committed batch (the unit of resume)
 MODE = "nodes"  # import_jobs.mode of a nodes import (migration 0005)
-COLUMNS = ("domain_id", "group_id", "reference_id", "type", "metadata", "embedding")  # of `nodes`, as imported
 LOAD_COLUMNS = (*COLUMNS, "seq")
-STAMPS = ("created_at", "updated_at")  # of `nodes`, set by their defaults
 JSON_NEEDS_ESCAPE = r'["\\\x00-\x1f]'  # characters a JSON string must escape (RE2 syntax)
 
 
@@ -101,6 +100,7 @@ def import_nodes(db: Database, uris, group_id=None, domain_id=None, mapping=(), 
             db.retry(lambda: run.commit(imported), "commit nodes")
             commit_s = time.monotonic() - t_commit
         except Exception as exc:
+            run.close()
             if not getattr(exc, "retryable", False):
                 message = str(exc)
                 session.run(lambda c: (jobs.fail(c, job.job_id, message), _drop_load_table(c, job.job_id)),
@@ -148,12 +148,7 @@ def load_table(job_id: str) -> str:
 
 
 def _drop_load_table(conn, job_id: str) -> None:
-    conn.execute(f"DROP TABLE IF EXISTS {load_table(job_id)}")
-
-
-def group_partition(group_id) -> str:
-    """The partition of `nodes` that holds one group (migration 0006)."""
-    return f"mtool_part.nodes_{uuid.UUID(str(group_id)).hex}"
+    conn.execute(f"DROP TABLE IF EXISTS {load_table(job_id)} CASCADE")  # with its batches' tables
 
 
 class _Run:
@@ -167,26 +162,34 @@ class _Run:
         self.dims = None
         self.keys = None  # this run's keys (load), when it saw every batch
         self.groups: set[str] = set()  # and their groups
+        self.forward: Forward | None = None  # this run's batches into `nodes` as they load (node_forward)
 
     def load(self, total: int) -> tuple[int, int]:
         """Every batch not committed yet; returns (rows loaded, rows rejected) of the whole job.
         Batches are encoded on a thread while the previous one is COPYed (Arrow and NumPy
         release the GIL; the server works on the COPY meanwhile)."""
         job_id = self.job.job_id
-        self.session.run(lambda c: (jobs.start(c, job_id, total), self._create_load_table(c)), "start job")
+        self.session.run(lambda c: (jobs.start(c, job_id, total), c.execute(
+            f"CREATE UNLOGGED TABLE IF NOT EXISTS {self.table} (LIKE nodes INCLUDING DEFAULTS, seq bigint NOT NULL)")),
+            "start job")
         done = self.session.run(self._checked_checkpoint, "read checkpoint")
         # the keys this run loads, to know at the commit whether any was read twice; a resumed
         # run has not seen its earlier batches' keys, and leaves that to the server
         self.keys, self.groups = (None, set()) if done else ([], set())
+        self.close()  # a load retried after a lost connection: its forward, if any, is gone
+        self.forward = None if done else Forward(self.db, self.table)
         with self.db.connect() as conn, self.db.connect(autocommit=True) as lookup:
             self.dims = _GroupDims(lookup, self.table)
             for fi, bi, rows, encoded in prefetched(self._encoded(done)):
                 if encoded is not None:
                     payload, good, rejects, keys = encoded
-                    self._commit_batch(conn, fi, bi, payload, good, rejects)
-                    if self.keys is not None:  # a run that sees every batch
+                    part = self._commit_batch(conn, fi, bi, payload, good, rejects)
+                    if self.keys is not None:  # a run that sees every batch (the forward's too)
+                        groups = _groups_of(keys)
                         self.keys.append(keys)
-                        self.groups.update(_groups_of(keys))
+                        self.groups.update(groups)
+                        if self.forward is not None:
+                            self.forward.send(part, good, groups)
                     read, mismatched = self.mismatched.get(fi, (0, 0))
                     self.mismatched[fi] = (read + rows, mismatched + sum(r.get("kind") == "embedding length"
                                                                          for r in rejects))
@@ -196,16 +199,6 @@ class _Run:
                                   (job_id,)).fetchone()[0]
             conn.commit()
         return int(loaded), int(rejected)
-
-    def _create_load_table(self, conn) -> None:
-        """The job's load table, once. Its rows are stamped with the table's creation time, not
-        their batch's: attached as a partition (_attach), one import's rows share one stamp,
-        as rows inserted by one statement do."""
-        if conn.execute("SELECT to_regclass(%s) IS NULL", (self.table,)).fetchone()[0]:
-            conn.execute(f"CREATE TABLE {self.table} (LIKE nodes INCLUDING DEFAULTS, seq bigint NOT NULL)")
-            stamp = conn.execute("SELECT now()").fetchone()[0].isoformat()  # no parameters in DDL
-            conn.execute(f"ALTER TABLE {self.table} "
-                         + ", ".join(f"ALTER COLUMN {column} SET DEFAULT '{stamp}'" for column in STAMPS))
 
     def _encoded(self, done: set):
         """(file index, batch number, rows, (payload, good rows, rejects) or None when committed before)."""
@@ -225,8 +218,9 @@ class _Run:
                 pf.close(force=True)
 
     def _checked_checkpoint(self, conn) -> set:
-        """The committed batches, when the load table still holds their rows (a load table
-        lost some other way than by a commit starts the job over from its first batch)."""
+        """The committed batches, when the load table still holds their rows. It is UNLOGGED
+        (its rows are written once, not also to the WAL): a server crash empties it, and then
+        the job starts over from its first batch."""
         done = jobs.done_chunks(conn, self.job.job_id)
         if done:
             held = conn.execute(f"SELECT count(*) FROM {self.table}").fetchone()[0]
@@ -243,16 +237,20 @@ class _Run:
                 done = set()
         return done
 
-    def _commit_batch(self, conn, fi, bi, payload, good: int, rejects: list) -> None:
-        """The batch into the load table, with its rejects and checkpoint."""
+    def _commit_batch(self, conn, fi, bi, payload, good: int, rejects: list) -> str:
+        """The batch into its own table under the load table (INHERITS: the load table reads
+        as all of them), with its rejects and checkpoint; returns that table's name."""
+        part = f"{self.table}_{fi}_{bi}"
         with conn.transaction(), conn.cursor() as cur:
-            pgcopy.copy_bytes(cur, self.table, LOAD_COLUMNS, payload)
+            cur.execute(f"CREATE UNLOGGED TABLE IF NOT EXISTS {part} () INHERITS ({self.table})")
+            pgcopy.copy_bytes(cur, part, LOAD_COLUMNS, payload)
             if rejects:
                 cur.executemany("INSERT INTO import_rejects (job_id, file_index, row_number, reason, record) VALUES "
                                 "(%s, %s, %s, %s, %s)", [(self.job.job_id, fi, r["row"], r["reason"],
                                                           json.dumps(r["record"])) for r in rejects])
             cur.execute("INSERT INTO import_checkpoints (job_id, file_index, row_group, chunk, rows_loaded, "
                         "rows_rejected) VALUES (%s, %s, 0, %s, %s, %s)", (self.job.job_id, fi, bi, good, len(rejects)))
+        return part
 
     def check_files(self) -> None:
         """A file every row of which has another embedding length than its group's is a wrong
@@ -263,6 +261,11 @@ class _Run:
                                    f"({self.dims.describe()}); nothing was imported",
                                    hint="a group keeps one embedding length: re-embed the file, or import it "
                                         "into another group")
+
+    def close(self) -> None:
+        if self.forward is not None:
+            self.forward.close()
+            self.forward = None
 
     def _keys_seen(self) -> tuple[bool, list | None]:
         """(whether some key may have been loaded twice, the groups loaded or None when not
@@ -278,93 +281,48 @@ class _Run:
         return len(pc.unique(keys)) < len(keys), sorted(uuid.UUID(g) for g in self.groups)
 
     def commit(self, imported: int) -> None:
-        """The load table into `nodes` with the job COMPLETED, in one transaction: attached as
-        its group's partition where it holds the first nodes of one group (_attach), else
-        upserted into the groups' partitions (_upsert)."""
+        """The load table into `nodes` with the job COMPLETED, in one transaction. A key read
+        twice keeps its last row (highest seq); a row that is already as imported is not updated
+        (the group's node version stays: `mtool match` sees nothing changed)."""
+        forwarded = self.forward.finish(imported) if self.forward is not None else None
+        self.forward = None
+        if forwarded is not None:  # every batch is in `nodes` already, in this open transaction
+            with forwarded as conn:
+                faults.crash_point("nodes-commit")
+                jobs.complete(conn, self.job.job_id, imported)
+                _drop_load_table(conn, self.job.job_id)
+                conn.commit()
+            log.info("nodes import job %s: its batches went into nodes as they loaded", self.job.job_id,
+                     extra={"job_id": self.job.job_id})
+            return
         read_twice, groups = self._keys_seen()
         with self.db.connect() as conn:
             if read_twice:
                 conn.execute(f"DELETE FROM {self.table} l USING (SELECT group_id, reference_id, max(seq) AS keep "
                              f"FROM {self.table} GROUP BY 1, 2 HAVING count(*) > 1) d WHERE l.group_id = d.group_id "
                              "AND l.reference_id = d.reference_id AND l.seq < d.keep")
+            # An UPDATE of the keys that exist and a plain INSERT of the others: INSERT ... ON
+            # CONFLICT inserted row by row speculatively (1.6 s of 200k new nodes). The groups'
+            # locks keep another import from inserting the same keys in between.
             if groups is None:
                 groups = [g for g, in conn.execute(f"SELECT DISTINCT group_id FROM {self.table} ORDER BY 1")]
-            # held to the commit: no other import writes these groups' keys in between
             for gid in groups:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key("nodes", str(gid)),))
-            how = "attached as its group's partition"
-            if not (len(groups) == 1 and self._attach(conn, groups[0])):
-                how = "upserted"
-                self._upsert(conn, groups)
+            cols = ", ".join(COLUMNS)
+            insert = f"INSERT INTO nodes ({cols}) SELECT {cols} FROM {self.table} l"
+            if conn.execute("SELECT EXISTS (SELECT 1 FROM nodes WHERE group_id = ANY(%s))", (groups,)).fetchone()[0]:
+                conn.execute(
+                    f"UPDATE nodes n SET domain_id = l.domain_id, type = l.type, metadata = l.metadata, "
+                    f"embedding = l.embedding, updated_at = now() FROM {self.table} l WHERE n.group_id = l.group_id "
+                    "AND n.reference_id = l.reference_id AND (n.domain_id, n.type, n.metadata, n.embedding) IS "
+                    "DISTINCT FROM (l.domain_id, l.type, l.metadata, l.embedding)")
+                insert += (" WHERE NOT EXISTS (SELECT 1 FROM nodes n WHERE n.group_id = l.group_id AND "
+                           "n.reference_id = l.reference_id)")
+            conn.execute(insert)  # new groups (the first import of a group): a plain INSERT
             faults.crash_point("nodes-commit")
             jobs.complete(conn, self.job.job_id, imported)
             _drop_load_table(conn, self.job.job_id)
             conn.commit()
-        log.info("nodes import job %s: its load table was %s", self.job.job_id, how, extra={"job_id": self.job.job_id})
-
-    def _attach(self, conn, gid) -> bool:
-        """The load table as the partition of its one group, where the group has no partition
-        yet (its first import): the key and index are built once, by sort, instead of each
-        row going to its place in a shared key (1M nodes with random ids: 4.8-6.6 s of server
-        work against 14.7-15.7 s). A CHECK matching the partition's bound spares ATTACH its
-        scan; ATTACH takes a SHARE UPDATE EXCLUSIVE lock on `nodes` (readers and writers of
-        other groups go on), and scans the DEFAULT partition, empty unless plain SQL wrote new
-        groups into it. False where the group has a partition or rows already."""
-        part = group_partition(gid)
-        if conn.execute("SELECT to_regclass(%s) IS NOT NULL OR EXISTS (SELECT 1 FROM nodes WHERE group_id = %s)",
-                        (part, gid)).fetchone()[0]:
-            return False
-        schema, name = part.split(".")
-        table = self.table
-        conn.execute(f"ALTER TABLE {table} DROP COLUMN seq, "
-                     + ", ".join(f"ALTER COLUMN {column} SET DEFAULT now()" for column in STAMPS))
-        conn.execute(f"ALTER TABLE {table} ADD CHECK (group_id = '{uuid.UUID(str(gid))}')")
-        conn.execute(f"ALTER TABLE {table} ADD PRIMARY KEY (group_id, reference_id)")
-        conn.execute(f"CREATE INDEX ON {table} (domain_id, group_id)")
-        conn.execute(f"ALTER TABLE {table} SET SCHEMA {schema}")
-        conn.execute(f"ALTER TABLE {schema}.{table.split('.')[1]} RENAME TO {name}")
-        conn.execute(f"ALTER TABLE nodes ATTACH PARTITION {part} FOR VALUES IN ('{uuid.UUID(str(gid))}')")
-        # ATTACH fires no trigger: the version the insert trigger would have set
-        conn.execute("INSERT INTO node_versions (group_id, version) VALUES (%s, nextval('node_version_seq')) "
-                     "ON CONFLICT (group_id) DO UPDATE SET version = EXCLUDED.version, changed_at = now()", (gid,))
-        return True
-
-    def _upsert(self, conn, groups: list) -> None:
-        """An UPDATE of the keys that exist and a plain INSERT of the others (INSERT ... ON
-        CONFLICT inserted row by row speculatively: 1.6 s of 200k new nodes), each new group
-        into a partition of its own (made empty first, then attached: CREATE TABLE ...
-        PARTITION OF would lock all of `nodes`). A row already as imported is not updated (the
-        group's node version stays: `mtool match` sees nothing changed)."""
-        for gid in groups:
-            _ensure_partition(conn, gid)
-        cols = ", ".join(COLUMNS)
-        insert = f"INSERT INTO nodes ({cols}) SELECT {cols} FROM {self.table} l"
-        if conn.execute("SELECT EXISTS (SELECT 1 FROM nodes WHERE group_id = ANY(%s))", (groups,)).fetchone()[0]:
-            conn.execute(
-                f"UPDATE nodes n SET domain_id = l.domain_id, type = l.type, metadata = l.metadata, "
-                f"embedding = l.embedding, updated_at = now() FROM {self.table} l WHERE n.group_id = l.group_id "
-                "AND n.reference_id = l.reference_id AND (n.domain_id, n.type, n.metadata, n.embedding) IS "
-                "DISTINCT FROM (l.domain_id, l.type, l.metadata, l.embedding)")
-            insert += (" WHERE NOT EXISTS (SELECT 1 FROM nodes n WHERE n.group_id = l.group_id AND "
-                       "n.reference_id = l.reference_id)")
-        conn.execute(insert)
-
-
-def _ensure_partition(conn, gid) -> None:
-    """Group `gid`'s partition of `nodes`, made where it has none. Where plain SQL put the
-    group's rows in the DEFAULT partition they stay there (ATTACH would find them and fail)."""
-    import psycopg
-
-    part = group_partition(gid)
-    if conn.execute("SELECT to_regclass(%s) IS NOT NULL", (part,)).fetchone()[0]:
-        return
-    g = uuid.UUID(str(gid))
-    try:
-        with conn.transaction():  # a savepoint
-            conn.execute(f"CREATE TABLE {part} (LIKE nodes INCLUDING DEFAULTS, CHECK (group_id = '{g}'))")
-            conn.execute(f"ALTER TABLE nodes ATTACH PARTITION {part} FOR VALUES IN ('{g}')")
-    except psycopg.errors.CheckViolation:
-        log.info("nodes of group %s stay in nodes' DEFAULT partition, where they were written before", g)
 
 
 def _write_rejects(session, job_id: str, path: str | None, state_dir: str | None) -> str:

@@ -93,11 +93,11 @@ def test_nodes_import_matches_the_files_and_a_second_run_does_no_work(dsn, tmp_p
 CRASHES = ["nodes-batch-committed:3", "nodes-before-commit", "nodes-commit"]
 
 
-@pytest.mark.parametrize("repeats", [True, False], ids=["keys-read-twice", "new-keys"])
+@pytest.mark.parametrize("repeats", [True, False], ids=["keys-read-twice", "new-keys-forwarded"])
 @pytest.mark.parametrize("crash_at", CRASHES)
 def test_killed_nodes_import_resumes_to_the_uninterrupted_nodes(dsn, tmp_path, crash_at, repeats):
-    """Killed at each point, with a key read twice or every key new; at "nodes-commit" the
-    load table had been made the group's partition in the commit's transaction (rolled back)."""
+    """Killed with its batches forwarded into `nodes` in an open transaction (new keys), or
+    after the forward gave up (a key read twice), at each point."""
     g = group(10 + CRASHES.index(crash_at) + (0 if repeats else 30))
     paths = node_files(tmp_path, g, seed=11)
     if not repeats:
@@ -115,15 +115,9 @@ def test_killed_nodes_import_resumes_to_the_uninterrupted_nodes(dsn, tmp_path, c
                                 ("n_" + job_id.hex,)).fetchone()[0]
     # 4,500 rows (row groups of 1,700) read in batches of 1,000, then 800 rows: each batch once
     assert status == "COMPLETED" and batches == 5 + 1 and leftover == 0
-    assert partition_of(dsn, g) == f"mtool_part.nodes_{g.replace('-', '')}"
-
-
-def partition_of(dsn, g):
-    """The partition of `nodes` that holds group g's rows."""
-    with psycopg.connect(dsn) as conn:
-        parts = conn.execute("SELECT DISTINCT tableoid::regclass::text FROM nodes WHERE group_id = %s", (g,)).fetchall()
-    assert len(parts) == 1, parts
-    return parts[0][0]
+    with psycopg.connect(dsn) as conn:  # nor the batches' own tables
+        assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'mtool_stage' AND tablename LIKE %s",
+                            ("n\\_" + job_id.hex + "%",)).fetchone()[0] == 0
 
 
 def write_rows(path, g, ids, seed, tag="third"):
@@ -137,48 +131,34 @@ def write_rows(path, g, ids, seed, tag="third"):
     return str(path)
 
 
-def test_a_first_import_becomes_its_groups_partition_and_updates_are_upserted(dsn, tmp_path):
-    """A group's first import is attached whole as the group's partition of `nodes`, its key
-    built there, one version bump; an import into a group with nodes already is upserted into
-    that partition: rows as the later file says, rows it does not hold unchanged. A file of two
-    new groups gives each its own partition."""
+def test_new_groups_go_into_nodes_as_batches_load_and_updates_take_the_classic_commit(dsn, tmp_path):
+    """Batches of new keys are forwarded into `nodes` while the next ones load, in one open
+    transaction: the result is the files' rows, one version bump visible at the commit. An
+    import into a group with nodes already (an update) gives the forward up and commits the
+    load table as a whole: rows as the later file says, rows it does not hold unchanged."""
     g = group(50)
     first = [write_rows(tmp_path / "a.parquet", g, range(0, 2500), 50),
              write_rows(tmp_path / "b.parquet", g, range(2500, 3100), 51)]
     proc = run_mtool(["nodes", "import", *first, "--batch-rows", "1000"], dsn, check_rc=0)
-    assert "attached as its group's partition" in proc.stderr
+    assert "went into nodes as they loaded" in proc.stderr and "no longer forwarded" not in proc.stderr
     assert_nodes(stored_nodes(dsn, g), expected_nodes(first))
-    part = partition_of(dsn, g)
-    assert part == f"mtool_part.nodes_{g.replace('-', '')}"
     with psycopg.connect(dsn) as conn:
         version = conn.execute("SELECT version FROM node_versions WHERE group_id = %s", (g,)).fetchone()[0]
-        # the partition has the parent's key: a duplicate key is refused
-        with pytest.raises(psycopg.errors.UniqueViolation):
-            conn.execute("INSERT INTO nodes (domain_id, group_id, reference_id) VALUES (%s, %s, 'n00001')", (DOMAIN, g))
     update = write_rows(tmp_path / "c.parquet", g, range(3000, 3400), 52, tag="update")
     proc = run_mtool(["nodes", "import", update, "--batch-rows", "1000"], dsn, check_rc=0)
-    assert "upserted" in proc.stderr and "attached" not in proc.stderr
+    assert f"group {g} has nodes already" in proc.stderr and "went into nodes as they loaded" not in proc.stderr
     assert_nodes(stored_nodes(dsn, g), expected_nodes(first + [update]))
-    assert partition_of(dsn, g) == part
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT version FROM node_versions WHERE group_id = %s", (g,)).fetchone()[0] > version
         # rows the update did not touch keep their stamp (not rewritten)
         assert conn.execute("SELECT count(DISTINCT updated_at) FROM nodes WHERE group_id = %s AND reference_id < "
                             "'n03000'", (g,)).fetchone()[0] == 1
-    g1, g2 = group(51), group(52)
-    both = pq.read_table(write_rows(tmp_path / "d.parquet", g1, range(0, 300), 53))
-    both = pa.concat_tables([both, both.set_column(1, "group_id", pa.array([g2] * 300))])
-    pq.write_table(both, tmp_path / "two.parquet")
-    run_mtool(["nodes", "import", str(tmp_path / "two.parquet")], dsn, check_rc=0)
-    for gx in (g1, g2):
-        assert len(stored_nodes(dsn, gx)) == 300 and partition_of(dsn, gx) == f"mtool_part.nodes_{gx.replace('-', '')}"
 
 
 def test_a_load_table_emptied_by_a_server_crash_makes_the_job_start_over(dsn, tmp_path):
-    """A load table that lost rows while its checkpoint stayed (made here with TRUNCATE; an
-    UNLOGGED load table, as before migration 0006, lost them in a server crash): the resumed job
-    must notice and import every batch again, not complete with the batches the checkpoint
-    claims."""
+    """The load table is UNLOGGED: crash recovery empties it while the checkpoint (logged) stays.
+    The state after such a crash is made here with TRUNCATE; the resumed job must notice and
+    import every batch again, not complete with the batches the checkpoint claims."""
     g = group(20)
     paths = node_files(tmp_path, g, seed=21)
     args = ["nodes", "import", *paths, "--batch-rows", "1000"]
@@ -220,62 +200,3 @@ def test_concurrent_imports_into_the_same_new_groups_both_land(dsn, tmp_path):
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'mtool_stage' AND tablename LIKE "
                             "'n\\_%'").fetchone()[0] == 0
-
-
-def test_migration_0006_moves_each_groups_nodes_into_its_own_partition(pg_server):
-    """A database at version 5 with nodes of two groups: after `migrate` each group's rows are
-    in its own partition, unchanged, their versions kept (no cycle computes again for the
-    migration), and the version triggers work on the partitioned table."""
-    from mtool.db import migrations
-
-    name = f"mig6_{random.randrange(10**9)}"
-    with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    try:
-        with psycopg.connect(pg_server.dsn(name), autocommit=True) as conn:
-            conn.execute("CREATE TABLE mtool_schema_version (version integer PRIMARY KEY, name text NOT NULL, "
-                         "applied_at timestamptz NOT NULL DEFAULT now())")
-            for version, file, sql in migrations.available():
-                if version <= 5:
-                    conn.execute(sql)
-                    conn.execute("INSERT INTO mtool_schema_version (version, name) VALUES (%s, %s)", (version, file))
-            g1, g2 = group(60), group(61)
-            for g, n in ((g1, 30), (g2, 20)):
-                conn.execute("INSERT INTO nodes (domain_id, group_id, reference_id, metadata, embedding) SELECT %s, "
-                             "%s, 'n' || i, jsonb_build_object('i', i), ARRAY[i, 1]::real[] FROM generate_series(1, %s) i",
-                             (DOMAIN, g, n))
-            before = conn.execute("SELECT * FROM nodes ORDER BY group_id, reference_id").fetchall()
-            versions = conn.execute("SELECT group_id, version FROM node_versions ORDER BY 1").fetchall()
-            assert migrations.migrate(conn) == ["0006_nodes_by_group.sql"]
-            assert conn.execute("SELECT * FROM nodes ORDER BY group_id, reference_id").fetchall() == before
-            assert conn.execute("SELECT group_id, version FROM node_versions ORDER BY 1").fetchall() == versions
-            for g, n in ((g1, 30), (g2, 20)):
-                part = f"mtool_part.nodes_{g.replace('-', '')}"
-                assert conn.execute(f"SELECT count(*) FROM {part}").fetchone()[0] == n
-            assert conn.execute("SELECT count(*) FROM mtool_part.nodes_default").fetchone()[0] == 0
-            conn.execute("UPDATE nodes SET metadata = '{}' WHERE group_id = %s AND reference_id = 'n1'", (g1,))
-            after = dict(conn.execute("SELECT group_id::text, version FROM node_versions").fetchall())
-            assert after[g1] > dict((str(g), v) for g, v in versions)[g1]
-            assert after[g2] == dict((str(g), v) for g, v in versions)[g2]
-    finally:
-        with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-def test_a_group_written_by_plain_sql_stays_in_the_default_partition_and_imports_update_it(dsn, tmp_path):
-    """Rows of a new group inserted with plain SQL land in `nodes`' DEFAULT partition; a later
-    import into that group updates them there (no partition of its own can be attached over
-    them), and another new group's first import still gets its own partition."""
-    g = group(70)
-    with psycopg.connect(dsn) as conn:
-        conn.execute("INSERT INTO nodes (domain_id, group_id, reference_id, metadata) SELECT %s, %s, "
-                     "'n' || lpad(i::text, 5, '0'), '{}' FROM generate_series(0, 99) i", (DOMAIN, g))
-    path = write_rows(tmp_path / "a.parquet", g, range(50, 150), 70)
-    run_mtool(["nodes", "import", path], dsn, check_rc=0)
-    assert partition_of(dsn, g) == "mtool_part.nodes_default"
-    stored = stored_nodes(dsn, g)
-    assert len(stored) == 150 and stored["n00000"] == ({}, None)
-    assert_nodes({k: v for k, v in stored.items() if k >= "n00050"}, expected_nodes([path]))
-    other = group(71)
-    run_mtool(["nodes", "import", write_rows(tmp_path / "b.parquet", other, range(10), 71)], dsn, check_rc=0)
-    assert partition_of(dsn, other) == f"mtool_part.nodes_{other.replace('-', '')}"
