@@ -11,7 +11,9 @@ computed by the compatibility kernel over the whole pool (required keys and side
   estimate's 95% interval (`ambiguous`), the check adds queries (confirmation_sample) as far as
   costs.confirmation_queries allows, and the estimate is over both. When it falls short
   of the target and a wider level is allowed, the engine computes the group again from that
-  level (staging.stage_in_passes).
+  level (staging.stage_in_passes). That pass calibrates on every query of the earlier passes'
+  samples (their exact top K known), strictly (`calibrate(strict=True)`), and is checked on a
+  fresh sample (fresh_sample) that none of them holds.
 A plan whose widest allowed level stays short (the pool too large for the exact fallback, or
 `--max-candidates`) ends with a warning naming the estimate, never silently.
 """
@@ -139,6 +141,13 @@ def _drawn(queries: np.ndarray, size: int, salt: int) -> tuple[np.ndarray, int, 
     return np.random.default_rng([SEED, salt]).permutation(len(queries)), calibration_size(size), size
 
 
+def fresh_sample(queries: np.ndarray, count: int, exclude: np.ndarray, salt: tuple) -> np.ndarray:
+    """`count` of the plan's queries outside `exclude`, seeded by `salt`: a pass computed again
+    is checked (and confirmed) on queries none of its calibration's samples hold."""
+    rest = queries[~np.isin(queries, exclude)]
+    return np.sort(rest[np.random.default_rng([SEED, *salt]).permutation(len(rest))[:count]])
+
+
 def confirmation_floor(size: int, spent: int, pool: int) -> int:
     """Queries an ambiguous check adds at least, whatever its plan's search cost: up to `size`
     more, while all the samples' exact pairs stay within CHECK_PAIRS (the pairs sample_size
@@ -174,7 +183,7 @@ def recall_hits(found: np.ndarray, exact: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def calibrate(levels: list[int], target: float, sample_a: np.ndarray, exact_a, search_top_k,
-              quality: PlanQuality) -> int:
+              quality: PlanQuality, strict: bool = False) -> int:
     """The first level whose recall on sample A is consistent with the target (its 95% upper
     bound reaches it; else the widest allowed). `search_top_k(nodes, level)` gives the plan's
     top K of those nodes at that level, and `exact_a` sample A's exact top K (both as
@@ -182,12 +191,14 @@ def calibrate(levels: list[int], target: float, sample_a: np.ndarray, exact_a, s
     about +-0.005 at 0.99, and demanding the lower bound cost a 1M-node group of the benchmark's
     population (true recall 0.994 at the narrowest width, 0.986 on its sample A) a width twice
     as costly. The check on sample B is strict (staging.summarise_quality): below the target,
-    the group is computed again wider."""
+    the group is computed again wider. `strict`: the recall on A itself must reach the target
+    (a pass computed again, whose A is every sample of its earlier passes: see staging)."""
     for level in levels:
         if LEVELS[level] is None:  # exact: recall 1 by construction
             quality.tried.append((level, 1.0))
             return level
         recall, reached = sample_recall(level, target, sample_a, exact_a, search_top_k)
+        reached = recall >= target if strict else reached
         quality.tried.append((level, recall))
         quality.calibration_recall = recall
         if reached:

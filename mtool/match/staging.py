@@ -127,6 +127,7 @@ class _Pass:
         self.neighbors = self.scores = None  # the caller's (n, k) arrays, indexed by node
         self.todo: set = set()  # blocks this run computes (a resumed run skips the done ones)
         self.thread_seconds: list = []  # (search, rescoring) seconds of each batch, on its thread
+        self.calibrated_on: dict = {}  # plans computed again: the earlier samples' queries they calibrated on
 
     # -- search and exact top K of a plan's queries (calibration, check and blocks share them)
 
@@ -157,12 +158,21 @@ class _Pass:
         return self.to_nodes(np.concatenate([nb for nb, _ in parts])), np.concatenate([sc for _, sc in parts])
 
     def sample_top_k(self, plan, p, name, sample):
-        """A sample's exact top K, computed once a cycle: a pass that computes the plan again
-        draws the same sample."""
+        """A sample's exact top K, computed once a cycle (kept with the sample: a pass that
+        computes the plan again calibrates on them, earlier_samples)."""
         cache = self.stats["search_cache"]["samples"].setdefault(p, {})
         if name not in cache:
-            cache[name] = self.exact_top_k(plan, sample)
-        return cache[name]
+            cache[name] = (sample, self.exact_top_k(plan, sample))
+        return cache[name][1]
+
+    def earlier_samples(self, p):
+        """Every query of plan p's samples so far (calibration, checks, confirmations of the
+        earlier passes) with their exact top K, as one sample: (nodes, (nodes, scores))."""
+        held = list(self.stats["search_cache"]["samples"].get(p, {}).values())
+        if not held:
+            return None
+        return (np.concatenate([sample for sample, _ in held]),
+                tuple(np.concatenate([exact[i] for _, exact in held]) for i in (0, 1)))
 
     def terms(self, nodes):
         return None if self.presence is None else self.presence.query_terms(nodes)
@@ -201,9 +211,21 @@ class _Pass:
                 continue
             floor, filtered = (self.redo or {}).get(p, (0, False))
             levels = calibrate.allowed_levels(self.k, len(plan.pool), floor, opts.max_candidates)
-            sample_a, sample_b = calibrate.samples(plan.queries,
-                                                   calibrate.sample_size(opts.recall_sample, len(plan.pool)), salt=p)
-            exact_a = self.sample_top_k(plan, p, "calibration", sample_a)
+            size = calibrate.sample_size(opts.recall_sample, len(plan.pool))
+            earlier = self.earlier_samples(p) if p in (self.redo or {}) else None
+            if earlier is None:
+                sample_a, sample_b = calibrate.samples(plan.queries, size, salt=p)
+                exact_a = self.sample_top_k(plan, p, "calibration", sample_a)
+            else:
+                # A pass computed again: its width is read off every query of the earlier passes'
+                # samples (their exact top K known: 5x the first pass's sample A and more, no new
+                # exact work) and must reach the target there itself, not only within the interval:
+                # each pass short costs the plan a whole computation (population.FAMILY's
+                # missing-values member, seed 7, 100k nodes: four passes, from the narrowest
+                # width to the fourth, 88 s). It is checked on queries none of those hold.
+                sample_a, exact_a = earlier
+                self.calibrated_on[p] = sample_a
+                sample_b = calibrate.fresh_sample(plan.queries, size, sample_a, salt=(p, self.stats["passes"], 0))
             level = None
             if plan.required is not None and filtered:
                 plan.quality.filtered = True  # an earlier pass fell short without the filter
@@ -214,7 +236,7 @@ class _Pass:
             if level is None:
                 level = calibrate.calibrate(levels, opts.target_recall, sample_a, exact_a,
                                             lambda nodes, lv, plan=plan: self.searched_top_k(plan, nodes, lv),
-                                            plan.quality)
+                                            plan.quality, strict=earlier is not None)
             plan.level = plan.quality.level = level
             plan.quality.candidates = self.candidates(plan, level)
             plan.quality.widest = level == levels[-1]
@@ -222,7 +244,10 @@ class _Pass:
                 plan.join = plan.probes = None  # exact fallback: the whole (contiguous) pool
             else:
                 t_exact = time.monotonic()
-                checks[p] = (sample_b, self.sample_top_k(plan, p, "check", sample_b))
+                if earlier is not None and len(sample_b) < max(1, size // 4):
+                    checks[p] = (sample_a, exact_a)  # nearly every query sampled already: measured on them
+                else:
+                    checks[p] = (sample_b, self.sample_top_k(plan, p, self.sample_name("check", p), sample_b))
                 check_exact_s += time.monotonic() - t_exact
                 if level > 0:
                     plan.probes = plan.join.probes(self.query_vectors(plan, plan.queries), calibrate.LEVELS[level],
@@ -359,7 +384,7 @@ class _Pass:
             q.recall, q.lower_95 = calibrate.recall_bounds(found, slots)
             q.sample = len(sample_b)
             if calibrate.ambiguous(q.recall, q.lower_95, self.opts.target_recall) and (
-                    more := self.confirmation(p, self.plans[p], len(sample_b))) is not None:
+                    more := self.confirmation(p, self.plans[p], len(sample_b), sample_b)) is not None:
                 more_found, more_slots = hits(*more)
                 q.recall, q.lower_95 = calibrate.recall_bounds(np.concatenate([found, more_found]),
                                                                np.concatenate([slots, more_slots]))
@@ -367,7 +392,7 @@ class _Pass:
                 q.sample += q.confirmation
         self.stats["check_s"] = self.stats.get("check_s", 0.0) + time.monotonic() - t_check
 
-    def confirmation(self, p, plan, size: int):
+    def confirmation(self, p, plan, size: int, sample_b):
         """Queries added to plan p's check where its estimate is ambiguous, as many as
         costs.confirmation_queries allows (calibrate.confirmation_floor at least), and their
         exact top K; None where too few."""
@@ -377,10 +402,18 @@ class _Pass:
         extra = max(costs.confirmation_queries(scanned_pairs(plan.join, plan.probes), dims, rescored,
                                                len(plan.pool), spent),
                     calibrate.confirmation_floor(size, spent, len(plan.pool)))
-        sample_c = calibrate.confirmation_sample(plan.queries, size, extra, salt=p)
+        if p in self.calibrated_on:  # a pass computed again: none of its calibration's or check's queries
+            sample_c = calibrate.fresh_sample(plan.queries, extra, np.concatenate([self.calibrated_on[p], sample_b]),
+                                              salt=(p, self.stats["passes"], 1))
+        else:
+            sample_c = calibrate.confirmation_sample(plan.queries, size, extra, salt=p)
         if len(sample_c) < max(1, size // 4):  # too few to narrow the interval much
             return None
-        return sample_c, self.sample_top_k(plan, p, f"confirmation-{len(sample_c)}", sample_c)
+        return sample_c, self.sample_top_k(plan, p, self.sample_name(f"confirmation-{len(sample_c)}", p), sample_c)
+
+    def sample_name(self, name: str, p) -> str:
+        """A sample's name in the cycle's cache: a pass computed again draws its own."""
+        return f"{name}-pass-{self.stats['passes']}" if p in self.calibrated_on else name
 
 
 def stage_in_passes(opts, profile, group, features, root: str, stats: dict | None = None,

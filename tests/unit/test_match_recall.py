@@ -158,3 +158,55 @@ def test_an_ambiguous_check_is_confirmed_on_more_queries_within_its_budget(tmp_p
         found = compat.pair_scores(features, np.array([q]), confirmed[q][None, confirmed[q] >= 0])[0]
         hits += min(profile.k, int((found >= kth - calibrate.SCORE_TOLERANCE).sum()))
     assert abs(after["recall"] - hits / (len(queries) * profile.k)) <= 0.01, (after, hits)
+
+
+def test_a_pass_computed_again_calibrates_on_the_earlier_samples_and_checks_on_fresh_queries(tmp_path, monkeypatch):
+    """At --target-recall 0.999 the first pass's narrowest width falls short at the check. The
+    second pass reads its width off every query of the first pass's samples (calibration and
+    check: their exact top K are known), strictly (the recall there must reach the target):
+    the next width falls short there, so it takes the one after at once, instead of a pass at
+    each. It is checked on queries none of those samples hold, seeded: a second run gives the
+    same queries and the same matches."""
+    from mtool.match import calibrate
+
+    n = 12_000
+    p = popm.population(n, seed=3)
+    nodes = GroupNodes("g", "d", p["reference_id"], {c: p[c] for c in ("city", "age", "interests")}, p["embedding"])
+    profile = prof.parse(popm.PROFILE)
+    features = enc.encode(profile, nodes)
+    seen = {"samples": [], "calibrated": [], "fresh": []}
+
+    def spy(name, original):
+        def call(*args, **kwargs):
+            out = original(*args, **kwargs)
+            seen[name].append((args, kwargs, out))
+            return out
+        monkeypatch.setattr(calibrate, original.__name__, call)
+
+    spy("samples", calibrate.samples)
+    spy("calibrated", calibrate.calibrate)
+    spy("fresh", calibrate.fresh_sample)
+
+    def run(name):
+        for calls in seen.values():
+            calls.clear()
+        opts = engine.MatchOptions(profile, Device.CPU, staging_dir=str(tmp_path), target_recall=0.999)
+        neighbors, _, stats = staging.stage_in_passes(opts, profile, nodes, features, str(tmp_path / name))
+        return neighbors, stats
+
+    neighbors, stats = run("one")
+    assert stats["passes"] == 2 and stats["quality"]["warning"] is None
+    (_, _, (sample_a, sample_b)), = seen["samples"]  # drawn by the first pass only
+    first, second = seen["calibrated"]
+    assert first[1].get("strict") is False and np.array_equal(first[0][2], sample_a)
+    assert second[1].get("strict") is True
+    assert sorted(second[0][2]) == sorted(np.concatenate([sample_a, sample_b]))  # the first pass's samples
+    tried = second[0][5].tried
+    assert [level for level, _ in tried] == [1, 2] and tried[0][1] < 0.999 <= tried[1][1], tried
+    quality = stats["quality"]["plans"][0]
+    assert quality["level"] == 2 and quality["recall"] >= 0.999 and quality["sample"] == len(sample_b)
+    (_, _, fresh), = seen["fresh"]
+    assert len(fresh) == len(sample_b) and not set(fresh) & set(np.concatenate([sample_a, sample_b]))
+    again, repeated = run("two")
+    assert np.array_equal(again, neighbors) and repeated["quality"] == stats["quality"]
+    assert np.array_equal(seen["fresh"][0][2], fresh)
